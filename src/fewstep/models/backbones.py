@@ -1,0 +1,160 @@
+"""Backbones: diffusers' ``UNet2DModel`` for images (named presets) and a small MLP for 2-D data.
+
+Every backbone has the call ``net(x, t, class_labels) -> tensor shaped like x``; ``t`` is a float time
+input per sample (a training timestep, 1000 * flow time, or EDM's scaled c_noise).  Class-conditional
+nets get ``num_classes + 1`` embeddings: the last is the null class of classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from diffusers import UNet2DModel
+from torch import nn
+
+from fewstep.errors import FewstepError
+
+# UNet2DModel configs (without sample_size/channels/classes), by preset name.
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    # ~1.1 M parameters; 8x8 (digits): three levels 8 -> 4 -> 2, attention at 2x2 (~0.07 s/step, batch 64).
+    "tiny8": dict(
+        sample_size=8, block_out_channels=(32, 64, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=16, attention_head_dim=32,
+    ),
+    # 28x28 (mnist, fashion): three levels 28 -> 14 -> 7 (a fourth would need 3.5).
+    "small28": dict(
+        sample_size=28, block_out_channels=(32, 64, 128), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=16, attention_head_dim=32,
+    ),
+    # 32x32: four levels, for CIFAR-like data or padded 28x28.
+    "base32": dict(
+        sample_size=32, block_out_channels=(64, 128, 128, 256), layers_per_block=2,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=32,
+        attention_head_dim=32,
+    ),
+    # A very small net for tests: 8x8, ~60 k parameters.
+    "test8": dict(
+        sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    ),
+}
+MLP_PRESETS: dict[str, dict[str, Any]] = {"mlp": dict(hidden=256, depth=3), "mlp-small": dict(hidden=64, depth=2)}
+
+
+class UNetBackbone(nn.Module):
+    """diffusers ``UNet2DModel`` behind the backbone call; ``self.unet`` is the diffusers model itself."""
+
+    kind = "unet2d"
+
+    def __init__(self, unet: UNet2DModel):
+        super().__init__()
+        self.unet = unet
+
+    @staticmethod
+    def from_config(config: dict[str, Any]) -> UNetBackbone:
+        return UNetBackbone(UNet2DModel.from_config(config))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.unet.config.in_channels, h, w)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.unet(x, t, class_labels=class_labels).sample
+
+
+def _time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    # Transformer-style sinusoidal embedding (Vaswani et al. 2017), as in DDPM.
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([args.sin(), args.cos()], dim=1)
+
+
+class MLPBackbone(nn.Module):
+    """A residual MLP for low-dimensional data: x (B, D), float time input, optional class label."""
+
+    kind = "mlp"
+
+    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 3, num_class_embeds: int | None = None):
+        super().__init__()
+        self._config = dict(dim=dim, hidden=hidden, depth=depth, num_class_embeds=num_class_embeds)
+        self.inp = nn.Linear(dim, hidden)
+        self.temb = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.cemb = nn.Embedding(num_class_embeds, hidden) if num_class_embeds else None
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+            for _ in range(depth)
+        )
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim))
+        nn.init.zeros_(self.out[1].weight)
+        nn.init.zeros_(self.out[1].bias)
+
+    @staticmethod
+    def from_config(config: dict[str, Any]) -> MLPBackbone:
+        return MLPBackbone(**config)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self._config)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (self._config["dim"],)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.inp(x)
+        emb = self.temb(_time_embedding(t, h.shape[1]))
+        if self.cemb is not None and class_labels is not None:
+            emb = emb + self.cemb(class_labels)
+        for block in self.blocks:
+            h = h + block(h + emb)
+        return self.out(h)
+
+
+BACKBONES: dict[str, type[nn.Module]] = {"unet2d": UNetBackbone, "mlp": MLPBackbone}
+
+
+def build_backbone(kind: str, config: dict[str, Any]) -> nn.Module:
+    if kind not in BACKBONES:
+        raise FewstepError(f"unknown backbone {kind!r}: use one of {', '.join(BACKBONES)}")
+    return BACKBONES[kind].from_config(config)  # type: ignore[attr-defined]
+
+
+def preset_backbone(preset: str, sample_shape: tuple[int, ...], num_classes: int = 0) -> tuple[str, dict[str, Any]]:
+    """(backbone kind, config) for a named preset, data of ``sample_shape`` and ``num_classes`` (0: none)."""
+    classes = num_classes + 1 if num_classes else None  # + the null class for guidance
+    if preset in MLP_PRESETS:
+        if len(sample_shape) != 1:
+            raise FewstepError(f"preset {preset!r} is for vector data, got samples of shape {sample_shape}")
+        return "mlp", dict(dim=sample_shape[0], num_class_embeds=classes, **MLP_PRESETS[preset])
+    if preset not in UNET_PRESETS:
+        raise FewstepError(f"unknown preset {preset!r}: use one of {', '.join([*UNET_PRESETS, *MLP_PRESETS])}")
+    if len(sample_shape) != 3:
+        raise FewstepError(f"preset {preset!r} is for images, got samples of shape {sample_shape}")
+    cfg = copy.deepcopy(UNET_PRESETS[preset])
+    if cfg["sample_size"] != sample_shape[1]:
+        raise FewstepError(
+            f"preset {preset!r} is for {cfg['sample_size']}x{cfg['sample_size']} images, the data is "
+            f"{sample_shape[1]}x{sample_shape[2]}: pick a preset of that size"
+        )
+    cfg.update(in_channels=sample_shape[0], out_channels=sample_shape[0], num_class_embeds=classes)
+    return "unet2d", cfg
+
+
+def default_preset(sample_shape: tuple[int, ...]) -> str:
+    if len(sample_shape) == 1:
+        return "mlp"
+    return {8: "tiny8", 28: "small28", 32: "base32"}.get(sample_shape[1], "base32")

@@ -10,3 +10,22 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory):
+    """A tiny class-conditional DDPM teacher on digits (test8 preset, 800 steps, ~30 s), shared by tests."""
+    from fewstep.data.datasets import load_dataset
+    from fewstep.models.backbones import preset_backbone
+    from fewstep.training.loop import TrainConfig, train
+    from fewstep.training.teacher import TeacherMethod, TeacherSpec
+
+    out = tmp_path_factory.mktemp("teacher") / "digits"
+    ds = load_dataset("digits", "train")
+    kind, cfg = preset_backbone("test8", ds.sample_shape, ds.num_classes)
+    torch.manual_seed(0)
+    method = TeacherMethod(TeacherSpec(backbone=kind, backbone_config=cfg, sample_shape=ds.sample_shape,
+                                       num_classes=ds.num_classes, data="digits"))
+    result = train(method, (ds.x, ds.y), TrainConfig(steps=800, lr=2e-3, warmup=20, ckpt_every=400, log_every=20,
+                                                     ema_decay=0.995, progress=False), out)
+    return out, result

@@ -11,8 +11,8 @@ Each :class:`Parameterization` is an adapter with three pure functions:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

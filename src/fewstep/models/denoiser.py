@@ -22,24 +22,23 @@ class Denoiser(nn.Module):
     and noise level into what it was trained on and its output back into x0 / eps.
     """
 
-    def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction: str, num_classes: int = 0):
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction: str, num_classes: int = 0,
+                 null_class: int | None = None):
         super().__init__()
         self.net = net
         self.schedule = schedule
         self.prediction = prediction
         self.num_classes = num_classes
+        self.null_class = null_class  # the 'no class' label of classifier-free guidance, if trained with one
         self.param: Parameterization = get_parameterization(prediction)
-
-    @property
-    def null_class(self) -> int:
-        """Index of the 'no class' label used for classifier-free guidance (== num_classes)."""
-        return self.num_classes
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> Prediction:
         sigma = torch.as_tensor(sigma, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         if self.num_classes and cond is None:
+            if self.null_class is None:
+                raise ValueError("this class-conditional model has no null class: give class labels")
             cond = torch.full((x.shape[0],), self.null_class, device=x.device, dtype=torch.long)
         net_in, time_in = self.param.inputs(x, sigma, self.schedule)
         out = self.net(net_in, time_in, cond if self.num_classes else None)

@@ -7,7 +7,7 @@ i.e. their w' is our w - 1.  A guided call evaluates the network on a doubled ba
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -1,0 +1,53 @@
+# fewstep: the two quickstart commands are `make demo` and `make test` (see README.md).
+# Each creates .venv if missing and installs what it needs.  Where the Python running make has no torch,
+# torch==2.13.0 is installed first (the CPU build on this machine), so no dependency can pull a CUDA build;
+# where it has torch (e.g. a CUDA build), the venv sees it (--system-site-packages) and pip is constrained to
+# that installed version, so it is reused, never replaced.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fewstep-installed
+TORCH  ?= torch==2.13.0
+
+.PHONY: install demo test lint bench bench-quick fashion clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check "$(TORCH)"
+	@$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install --disable-pip-version-check -c $(VENV)/torch-constraint.txt -e ".[dev]"
+	-@$(MAKE) --no-print-directory fashion
+	@touch $(STAMP)
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist; best effort (needs apt and root or sudo).
+fashion:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then echo "fashion-mnist: present"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) \
+	  && echo "fashion-mnist: installed" || echo "fashion-mnist: apt-get failed; the fashion dataset stays unavailable"; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+	  sudo apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 && echo "fashion-mnist: installed" || \
+	  echo "fashion-mnist: apt-get failed; the fashion dataset stays unavailable"; \
+	else echo "fashion-mnist: not installed (run: sudo apt-get install dataset-fashion-mnist)"; fi
+
+demo: $(STAMP)
+	PY=$(PY) sh scripts/demo.sh
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/speed.py --quick
+
+bench: $(STAMP)
+	$(PY) benchmarks/speed.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,194 @@
+"""The `fewstep` command line: thin wrappers that parse, build a config and call the library."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fewstep.errors import FewstepError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="fewstep: train diffusion teachers, sample them, distill them into few-step students, "
+                       "and measure quality against speed.")
+console = Console(stderr=True)
+out_console = Console()
+
+TIMESTEP_HELP = ("Explicit evaluation timesteps, comma-separated, in [0, T-1] (fractional allowed), strictly "
+                 "decreasing; one network evaluation each (Heun: 2n-1 in all); after the last the sampler "
+                 "lands on clean data (alpha_bar = 1, sigma = 0).")
+STEPS_HELP = "Number of sampling steps, spaced by --spacing (default: the model's recorded steps)."
+SPACING_HELP = ("trailing (default: starts at T-1, which matters at 1-2 steps), leading or linspace, as "
+                "diffusers' timestep_spacing.")
+
+
+def _friendly(fn):
+    """Bad input -> one line on stderr and exit status 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FewstepError as e:
+            console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("interrupted: the last checkpoint is kept (continue with --resume)")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _parse_timesteps(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise FewstepError(f"--timesteps {text!r}: give comma-separated numbers, e.g. 999,666,333") from None
+
+
+@app.command()
+@_friendly
+def train(
+    data: Annotated[str, typer.Option(help="Dataset: digits, mnist, fashion, gmm, moons, swissroll, checkerboard.")],
+    out: Annotated[Path, typer.Option(help="Run folder: becomes a model folder (plus checkpoints/, metrics.jsonl).")],
+    preset: Annotated[str | None, typer.Option(help="Network preset: tiny8, small28, base32, test8, mlp, "
+                                                  "mlp-small (default: by data shape).")] = None,
+    objective: Annotated[str, typer.Option(help="ddpm, edm or flow.")] = "ddpm",
+    prediction: Annotated[str | None, typer.Option(help="ddpm only: eps (default), v or x0.")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 3000,
+    batch: Annotated[int, typer.Option(help="Global batch size.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine).")] = 1e-3,
+    conditional: Annotated[bool, typer.Option("--conditional", help="Class-conditional with a null class for "
+                                              "classifier-free guidance (10% label dropout).")] = False,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay of the exported weights.")] = 0.999,
+    ckpt_every: Annotated[int, typer.Option(help="Checkpoint (and refresh the model folder) every N steps.")] = 500,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly, with its saved "
+                                         "settings (other training flags are ignored).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of initialization, data order and noise.")] = 0,
+    mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16 (through accelerate).")] = "no",
+    beta_schedule: Annotated[str, typer.Option(help="ddpm: linear, scaled_linear or squaredcos_cap_v2.")] = "linear",
+) -> None:
+    """Train a teacher (DDPM, EDM or flow matching). Works unchanged under `accelerate launch -m fewstep train`."""
+    import torch
+
+    from fewstep.data.datasets import load_dataset
+    from fewstep.models.backbones import default_preset, preset_backbone
+    from fewstep.training.loop import TrainConfig
+    from fewstep.training.loop import train as run
+    from fewstep.training.teacher import TeacherMethod, TeacherSpec
+
+    ds = load_dataset(data, "train")
+    if conditional and not ds.num_classes:
+        raise FewstepError(f"--conditional needs labels and {data} has none: drop --conditional")
+    num_classes = ds.num_classes if conditional else 0
+    kind, bcfg = preset_backbone(preset or default_preset(ds.sample_shape), ds.sample_shape, num_classes)
+    torch.manual_seed(seed)
+    method = TeacherMethod(TeacherSpec(objective=objective, prediction=prediction, backbone=kind,
+                                       backbone_config=bcfg, sample_shape=ds.sample_shape, num_classes=num_classes,
+                                       data=data, beta_schedule=beta_schedule))
+    cfg = TrainConfig(steps=steps, batch=batch, lr=lr, ema_decay=ema_decay, ckpt_every=ckpt_every, seed=seed,
+                      mixed_precision=mixed_precision, progress=sys.stderr.isatty())
+    if resume:
+        saved = Path(out) / "config.json"
+        if saved.is_file():  # rebuild the network the run was started with
+            from fewstep.io import read_json
+            prior = read_json(saved)
+            if prior.get("backbone_config") != method.config.backbone_config or \
+                    prior.get("prediction") != method.config.prediction:
+                raise FewstepError(f"--resume: {out} was trained with another network or objective: pass the "
+                                   "same --data/--preset/--objective/--prediction/--conditional as before")
+    result = run(method, (ds.x, ds.y if num_classes else None), cfg, out, resume=resume)
+    loss = ", ".join(f"{k} {v:.4f}" for k, v in result.final_loss.items())
+    out_console.print(f"trained {result.steps} steps in {result.wall_seconds:.1f} s (final loss {loss}); "
+                      f"model folder: {out}")
+
+
+@app.command()
+@_friendly
+def sample(
+    model: Annotated[Path, typer.Option(help="A fewstep model folder, a diffusers pipeline or a UNet folder.")],
+    out: Annotated[Path, typer.Option(help=".npy: raw array (N, C, H, W) in the data range; .png: a grid.")],
+    sampler: Annotated[str | None, typer.Option(help="ddpm, ddim, euler, heun or dpmpp-2m (default: the "
+                                                   "model's recorded sampler).")] = None,
+    steps: Annotated[int | None, typer.Option(help=STEPS_HELP)] = None,
+    spacing: Annotated[str | None, typer.Option(help=SPACING_HELP)] = None,
+    timesteps: Annotated[str | None, typer.Option(help=TIMESTEP_HELP)] = None,
+    eta: Annotated[float, typer.Option(help="DDIM eta (0: deterministic).")] = 0.0,
+    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale w: x0_u + w (x0_c - "
+                                                      "x0_u); 1 = conditional only; each guided step costs 2 NFE.")] = None,
+    class_: Annotated[int | None, typer.Option("--class", help="Class of every sample (default: cycle "
+                                                  "through the classes).")] = None,
+    n: Annotated[int, typer.Option(help="Number of samples.")] = 64,
+    seed: Annotated[int, typer.Option(help="Noise seed; sample i's noise depends only on (seed, i).")] = 0,
+    latents: Annotated[Path | None, typer.Option(help="Initial noise as .npy (n, C, H, W), unit-variance eps "
+                                                    "(the VP state at the first timestep).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per network call.")] = 256,
+) -> None:
+    """Sample a model with a standard solver, optionally guided."""
+    import numpy as np
+    import torch
+
+    from fewstep.generate import class_labels, generate, resolve_timesteps
+    from fewstep.images import write_samples
+    from fewstep.models.folder import load_model
+
+    if out.suffix not in (".npy", ".png"):
+        raise FewstepError(f"--out {out}: use a .npy (raw array) or .png (picture) file name")
+    m = load_model(model)
+    defaults = m.config.sampling
+    ts = resolve_timesteps(m, steps, spacing, _parse_timesteps(timesteps))
+    lat = None
+    if latents is not None:
+        if not latents.is_file():
+            raise FewstepError(f"--latents file {latents} does not exist")
+        try:
+            lat = torch.from_numpy(np.load(latents, allow_pickle=False)).float()
+        except ValueError as e:
+            raise FewstepError(f"--latents {latents} is not a numeric .npy array ({e})") from None
+        n = lat.shape[0] if lat.ndim > 0 else n
+    labels = class_labels(m, n, class_)
+    res = generate(m, sampler or defaults.sampler, ts, n, seed=seed, labels=labels,
+                   guidance=guidance if guidance is not None else defaults.guidance, eta=eta, latents=lat,
+                   batch_size=batch_size)
+    write_samples(out, res.x)
+    out_console.print(f"{n} samples with {res.sampler} at {len(ts)} steps ({res.nfe} NFE per sample) in "
+                      f"{res.wall_seconds:.2f} s ({res.samples_per_s:.1f} samples/s) -> {out}")
+
+
+@app.command()
+@_friendly
+def info(model: Annotated[Path, typer.Argument(help="A model folder.")]) -> None:
+    """Print what a model folder is and how it samples."""
+    from fewstep.models.folder import describe, load_model
+
+    table = Table(show_header=False, box=None)
+    for k, v in describe(load_model(model)):
+        table.add_row(f"[bold]{k}[/bold]", v)
+    out_console.print(table)
+
+
+@app.command()
+@_friendly
+def export(
+    model: Annotated[Path, typer.Argument(help="A model folder.")],
+    out: Annotated[Path, typer.Argument(help="New folder to write (must not exist or be empty).")],
+) -> None:
+    """Write a model as a diffusers folder: DDPMPipeline (unconditional) or unet/ + scheduler/ (conditional)."""
+    from fewstep.models.folder import export_diffusers, load_model
+
+    out_console.print("wrote " + export_diffusers(load_model(model), out))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

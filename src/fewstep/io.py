@@ -1,0 +1,85 @@
+"""Atomic file writes and safe reads: a crash never leaves a half-written file where a good one was."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fewstep.errors import FewstepError
+
+
+def _atomic(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: Path, text: str) -> None:
+    def w(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _atomic(path, w)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path, what: str = "config") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FewstepError(f"{what} file {path} is missing")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FewstepError(f"{what} file {path} is not valid JSON ({e.__class__.__name__}): restore or recreate it"
+                           ) from None
+    if not isinstance(obj, dict):
+        raise FewstepError(f"{what} file {path} should hold a JSON object")
+    return obj
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_tensors(path: Path, what: str = "weights") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FewstepError(f"{what} file {path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FewstepError(f"{what} file {path} is corrupt or not safetensors ({str(e)[:80]}): restore or retrain"
+                           ) from None
+
+
+def save_torch_state(path: Path, obj: Any) -> None:
+    """Optimizer-style state (tensors, numbers, lists, dicts): torch.save, read back only with weights_only."""
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_torch_state(path: Path, what: str = "optimizer state") -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling problem is a corrupt file to the user
+        raise FewstepError(f"{what} file {path} is corrupt or unsafe ({e.__class__.__name__}): restore or restart"
+                           ) from None

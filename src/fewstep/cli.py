@@ -186,6 +186,12 @@ def export(
     out_console.print("wrote " + export_diffusers(load_model(model), out))
 
 
+from fewstep.cli_eval import register as _register_eval  # noqa: E402
+
+_register_eval(app, _friendly, out_console, _parse_timesteps,
+               {"steps": STEPS_HELP, "spacing": SPACING_HELP, "timesteps": TIMESTEP_HELP})
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,699 @@
+"""fewstep speed benchmark: training throughput and sampling time per NFE, each against plain PyTorch/diffusers.
+
+1. Training: steps/s of ``fewstep.training.loop.train`` with a ``TeacherMethod`` (what ``fewstep train --data digits
+   --preset tiny8 --conditional`` runs; checkpoints off but the final save, progress off) against a minimal hand
+   loop on the same ``UNet2DModel`` (randint timesteps, ``DDPMScheduler.add_noise``, eps-MSE, AdamW step).
+2. Sampling: seconds per network evaluation of fewstep's ddim / euler / dpmpp-2m (``fewstep.generate.generate``,
+   and the bare sampler function + ``Denoiser``) against the diffusers scheduler loop (set_timesteps,
+   scale_model_input, unet, step) on the same UNet, batch, timesteps and labels, under ``torch.no_grad``.
+
+The machine is shared and noisy, so the contestants alternate within every round (the order flips each round),
+warm-up steps are excluded, and the table reports medians and the median of the per-round ratios.
+
+    python benchmarks/speed.py --quick            # about a minute
+    python benchmarks/speed.py --json speed.json  # the full profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fewstep.data.datasets import load_dataset
+from fewstep.diffusion.schedules import spaced_timesteps
+from fewstep.generate import class_labels, generate
+from fewstep.models.backbones import UNetBackbone, preset_backbone
+from fewstep.models.denoiser import Denoiser
+from fewstep.models.folder import LoadedModel, load_model, save_model
+from fewstep.samplers import SAMPLERS, SamplerOptions
+from fewstep.training.loop import TrainConfig, train
+from fewstep.training.teacher import TeacherMethod, TeacherSpec
+
+SAMPLER_NAMES = ("ddim", "euler", "dpmpp-2m")
+TRAIN_TARGET = 0.95  # fewstep steps/s >= 95% of the hand loop's
+SAMPLE_TARGET = 1.0  # fewstep time per NFE <= diffusers'
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    train_rounds: int
+    train_steps: int  # timed steps per round and contestant
+    train_warmup: int  # untimed steps at the start of every run
+    interleaved_steps: int  # timed steps of the step-by-step interleaved run
+    sample_rounds: int
+    sample_steps: tuple[int, ...]
+
+
+# Even train_rounds balance the order (hand first / fewstep first); sample_rounds a multiple of 3 lets each of the
+# three sampling contestants go first, second and third equally often.
+QUICK = Profile("quick", train_rounds=2, train_steps=20, train_warmup=5, interleaved_steps=30, sample_rounds=3,
+                sample_steps=(5,))
+FULL = Profile("full", train_rounds=4, train_steps=60, train_warmup=10, interleaved_steps=120, sample_rounds=6,
+               sample_steps=(10, 25))
+
+
+# --- results ---------------------------------------------------------------------------------------------
+@dataclass
+class TrainRound:
+    order: str  # "hand,fewstep" or "fewstep,hand"
+    hand_steps_s: float  # steps per wall-clock second
+    fewstep_steps_s: float
+    hand_cpu_steps_s: float  # steps per CPU second of this process (insensitive to other jobs at 1 thread)
+    fewstep_cpu_steps_s: float
+    ratio: float = 0.0  # fewstep / hand, wall clock
+    cpu_ratio: float = 0.0  # fewstep / hand, CPU time
+
+    def __post_init__(self) -> None:
+        self.ratio = self.fewstep_steps_s / self.hand_steps_s
+        self.cpu_ratio = self.fewstep_cpu_steps_s / self.hand_cpu_steps_s
+
+
+@dataclass
+class Component:
+    """Something the fewstep loop does per step that the hand loop does not, timed alone (median, ms)."""
+
+    name: str
+    ms_per_step: float
+    note: str = ""
+
+
+@dataclass
+class Interleaved:
+    """fewstep's loop and the hand loop alternating step by step (the hand step runs in fewstep's after_step hook),
+    so both see the same machine load; times are medians of per-step wall times."""
+
+    steps: int
+    warmup_steps: int
+    hand_ms: float
+    fewstep_ms: float
+    ratio: float  # hand_ms / fewstep_ms = fewstep steps/s over hand steps/s
+    ratio_of_sums: float  # the same from total times
+    meets_target: bool
+
+
+@dataclass
+class TrainResult:
+    batch: int
+    timed_steps: int
+    warmup_steps: int
+    params: int
+    rounds: list[TrainRound]
+    hand_steps_s: float  # medians over rounds (wall clock)
+    fewstep_steps_s: float
+    ratio: float  # median of the per-round fewstep/hand wall ratios (1.0 = as fast; target >= 0.95)
+    cpu_ratio: float  # the same in CPU time
+    overhead_ms_per_step: float  # median per-round (1/fewstep - 1/hand), wall ms
+    cpu_overhead_ms_per_step: float
+    meets_target: bool  # wall ratio >= 0.95
+    meets_target_cpu: bool
+    interleaved: Interleaved | None = None
+    breakdown: list[Component] = field(default_factory=list)
+
+
+@dataclass
+class SampleRow:
+    sampler: str
+    steps: int
+    nfe: int
+    n: int  # samples per batch (one batch)
+    # medians over rounds of seconds per NFE for the whole batch: wall clock, and CPU time of this process
+    diffusers_s_per_nfe: float
+    generate_s_per_nfe: float
+    sampler_fn_s_per_nfe: float
+    diffusers_cpu_s_per_nfe: float
+    generate_cpu_s_per_nfe: float
+    sampler_fn_cpu_s_per_nfe: float
+    # medians of per-round fewstep / diffusers time ratios (<= 1.0 is the target)
+    generate_ratio: float
+    sampler_fn_ratio: float
+    generate_cpu_ratio: float
+    sampler_fn_cpu_ratio: float
+    rel_diff: float  # max |fewstep - diffusers| / max |diffusers|, same noise (parity: the same computation)
+    # CPU ms per step spent outside the network (the UNet replaced by a stub), median: the loops' own cost
+    diffusers_outside_ms: float = 0.0
+    generate_outside_ms: float = 0.0
+    sampler_fn_outside_ms: float = 0.0
+    rounds: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    profile: str
+    command: str
+    env: dict[str, Any]
+    load_before: tuple[float, float, float]
+    load_after: tuple[float, float, float]
+    wall_seconds: float
+    train: TrainResult | None
+    sampling: list[SampleRow]
+
+
+@dataclass(frozen=True)
+class Stamp:
+    wall: float
+    cpu: float
+
+
+def now() -> Stamp:
+    return Stamp(time.perf_counter(), time.process_time())
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def loadavg() -> tuple[float, float, float]:
+    try:
+        return os.getloadavg()
+    except OSError:
+        return (float("nan"),) * 3
+
+
+# --- training ----------------------------------------------------------------------------------------------
+class HandLoop:
+    """The minimal loop a user would write: randint timesteps, add noise, eps-MSE, AdamW step; nothing else."""
+
+    def __init__(self, unet_cfg: dict[str, Any], x: torch.Tensor, y: torch.Tensor, batch: int, seed: int = 0):
+        from diffusers import DDPMScheduler, UNet2DModel
+
+        torch.manual_seed(seed)
+        self.unet = UNet2DModel.from_config(unet_cfg).train()
+        self.sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=1e-3, weight_decay=0.0)
+        self.x, self.y, self.batch = x, y, batch
+
+    def step(self) -> None:
+        idx = torch.randint(0, self.x.shape[0], (self.batch,))
+        x0, labels = self.x[idx], self.y[idx]
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, self.sched.config.num_train_timesteps, (self.batch,))
+        loss = F.mse_loss(self.unet(self.sched.add_noise(x0, noise, t), t, class_labels=labels).sample, noise)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+class _TimedTeacher(TeacherMethod):
+    """A TeacherMethod whose (otherwise empty) ``after_step`` hook records when each step ends; the loop itself is
+    untouched.  With a ``partner``, the hook also runs one partner step and records when it ends, which is when
+    fewstep's next step starts: the two loops then alternate step by step under the same machine load."""
+
+    def __init__(self, spec: TeacherSpec, partner: Callable[[], None] | None = None):
+        super().__init__(spec)
+        self.partner = partner
+        self.ends: list[Stamp] = []  # end of each fewstep step
+        self.partner_ends: list[Stamp] = []  # end of the partner step that follows it
+
+    def after_step(self, step: int) -> None:
+        self.ends.append(now())
+        if self.partner is not None:
+            self.partner()
+            self.partner_ends.append(now())
+
+
+def _rates(stamps: list[Stamp], warmup: int) -> tuple[float, float]:
+    """(wall, CPU) steps per second from the end of the last warm-up step to the end of the last step."""
+    a, b = stamps[warmup - 1], stamps[-1]
+    n = len(stamps) - warmup
+    return n / (b.wall - a.wall), n / max(b.cpu - a.cpu, 1e-9)
+
+
+def _teacher_spec(preset: str = "tiny8") -> tuple[TeacherSpec, dict[str, Any], Any]:
+    """What `fewstep train --data digits --preset tiny8 --conditional` builds."""
+    ds = load_dataset("digits", "train")
+    kind, bcfg = preset_backbone(preset, ds.sample_shape, ds.num_classes)
+    spec = TeacherSpec(objective="ddpm", backbone=kind, backbone_config=bcfg, sample_shape=ds.sample_shape,
+                       num_classes=ds.num_classes, data="digits")
+    return spec, bcfg, ds
+
+
+def _train_config(steps: int, batch: int, seed: int = 0) -> TrainConfig:
+    # `fewstep train` defaults (lr 1e-3, EMA 0.999, clip 1.0, log every 25); checkpoints off but the final save
+    return TrainConfig(steps=steps, batch=batch, lr=1e-3, ckpt_every=10**9, seed=seed, progress=False)
+
+
+def run_fewstep_train(spec: TeacherSpec, data: tuple[torch.Tensor, torch.Tensor | None], steps: int, warmup: int,
+                      batch: int, out: Path, seed: int = 0) -> tuple[float, float]:
+    torch.manual_seed(seed)  # as `fewstep train` does before building the method
+    method = _TimedTeacher(spec)
+    train(method, data, _train_config(warmup + steps, batch, seed), out)
+    return _rates(method.ends, warmup)
+
+
+def run_hand_train(unet_cfg: dict[str, Any], x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int, batch: int,
+                   seed: int = 0) -> tuple[float, float]:
+    loop = HandLoop(unet_cfg, x, y, batch, seed)
+    stamps = []
+    for _ in range(warmup + steps):
+        loop.step()
+        stamps.append(now())
+    return _rates(stamps, warmup)
+
+
+def run_interleaved(spec: TeacherSpec, unet_cfg: dict[str, Any], x: torch.Tensor, y: torch.Tensor, steps: int,
+                    warmup: int, batch: int, out: Path) -> Interleaved:
+    """fewstep's loop with one hand step run inside each ``after_step``: per-step paired times."""
+    hand = HandLoop(unet_cfg, x, y, batch)
+    torch.manual_seed(0)
+    method = _TimedTeacher(spec, partner=hand.step)
+    train(method, (x, y), _train_config(warmup + steps, batch), out)
+    e, p = method.ends, method.partner_ends
+    fs = [e[k].wall - p[k - 1].wall for k in range(warmup, len(e))]  # from the partner's end to fewstep's end
+    hd = [p[k].wall - e[k].wall for k in range(warmup, len(e))]
+    return Interleaved(steps, warmup, 1e3 * median(hd), 1e3 * median(fs), median(hd) / median(fs),
+                       sum(hd) / sum(fs), median(hd) / median(fs) >= TRAIN_TARGET)
+
+
+def bench_train(prof: Profile, batch: int, work: Path, log: Callable[[str], None],
+                breakdown: bool | None = None) -> TrainResult:
+    spec, bcfg, ds = _teacher_spec()
+    data = (ds.x, ds.y)
+    # one untimed short run of each first: the first run in a process pays for imports, allocator growth and
+    # first-touch page faults, which would otherwise handicap whoever goes first in round 1
+    run_hand_train(bcfg, ds.x, ds.y, 5, 1, batch)
+    run_fewstep_train(spec, data, 5, 1, batch, work / "train_warmup")
+    rounds: list[TrainRound] = []
+    for r in range(prof.train_rounds):
+        order = ("hand", "fewstep") if r % 2 == 0 else ("fewstep", "hand")
+        rate: dict[str, tuple[float, float]] = {}
+        for who in order:
+            if who == "hand":
+                rate[who] = run_hand_train(bcfg, ds.x, ds.y, prof.train_steps, prof.train_warmup, batch)
+            else:
+                rate[who] = run_fewstep_train(spec, data, prof.train_steps, prof.train_warmup, batch,
+                                              work / f"train_round{r}")
+        rd = TrainRound(",".join(order), rate["hand"][0], rate["fewstep"][0], rate["hand"][1], rate["fewstep"][1])
+        rounds.append(rd)
+        log(f"train round {r + 1}/{prof.train_rounds} ({rd.order}): hand {rd.hand_steps_s:.2f} steps/s, fewstep "
+            f"{rd.fewstep_steps_s:.2f} steps/s, ratio {rd.ratio:.3f} (CPU time {rd.cpu_ratio:.3f})")
+    inter = run_interleaved(spec, bcfg, ds.x, ds.y, prof.interleaved_steps, prof.train_warmup, batch,
+                            work / "train_interleaved")
+    log(f"train interleaved step by step ({inter.steps} steps): hand {inter.hand_ms:.1f} ms, fewstep "
+        f"{inter.fewstep_ms:.1f} ms (medians), ratio {inter.ratio:.3f} (of sums {inter.ratio_of_sums:.3f})")
+    ratio, cpu_ratio = median([rd.ratio for rd in rounds]), median([rd.cpu_ratio for rd in rounds])
+    params = sum(p.numel() for p in TeacherMethod(spec).denoiser.net.parameters())
+    res = TrainResult(
+        batch, prof.train_steps, prof.train_warmup, params, rounds,
+        median([rd.hand_steps_s for rd in rounds]), median([rd.fewstep_steps_s for rd in rounds]), ratio, cpu_ratio,
+        1e3 * median([1 / rd.fewstep_steps_s - 1 / rd.hand_steps_s for rd in rounds]),
+        1e3 * median([1 / rd.fewstep_cpu_steps_s - 1 / rd.hand_cpu_steps_s for rd in rounds]),
+        ratio >= TRAIN_TARGET, cpu_ratio >= TRAIN_TARGET, inter)
+    if breakdown or (breakdown is None and not (res.meets_target and inter.meets_target)):
+        log("timing what the fewstep loop adds per step")
+        res.breakdown = overhead_breakdown(spec, ds.x, ds.y, batch)
+    return res
+
+
+def _time_ms(fn: Callable[[], Any], reps: int = 30, warm: int = 3) -> float:
+    """Median CPU milliseconds of this process per call (robust to other jobs at 1 thread)."""
+    for _ in range(warm):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.process_time()
+        fn()
+        ts.append(time.process_time() - t0)
+    return 1e3 * median(ts)
+
+
+def overhead_breakdown(spec: TeacherSpec, x: torch.Tensor, y: torch.Tensor, batch: int) -> list[Component]:
+    """Time, one at a time on the same network, each per-step piece of the fewstep loop the hand loop lacks."""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from rich.progress import Progress
+
+    from fewstep.training.ema import EMA
+    from fewstep.training.loop import batch_indices, lr_factor
+
+    torch.manual_seed(0)
+    method = TeacherMethod(spec)
+    net = method.denoiser.net
+    acc = Accelerator(mixed_precision="no")
+    loss_fn = method.phases()[0].loss
+    gen = torch.Generator().manual_seed(0)
+    n = x.shape[0]
+    xb, yb = x[:batch], y[:batch]
+    loss_fn((xb, yb), gen).mean().backward()  # populate .grad
+    params = [p for p in net.parameters() if p.grad is not None]
+    ema = EMA(net, 0.999)
+    base = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(base, lambda s: lr_factor(s, 100, 10_000))
+    empty = torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # no grads: step() is bookkeeping only
+    wrapped = acc.prepare_optimizer(torch.optim.AdamW([torch.zeros(1, requires_grad=True)]))
+    step = [0]
+
+    def draw() -> None:
+        step[0] += 1
+        i = batch_indices(step[0], n, batch, 0)
+        _ = x[i], y[i]
+
+    def hand_draw() -> None:
+        i = torch.randint(0, n, (batch,))
+        _ = x[i], y[i]
+
+    ddpm = DDPMScheduler(num_train_timesteps=1000)
+
+    def hand_loss() -> None:
+        noise = torch.randn_like(xb)
+        t = torch.randint(0, 1000, (batch,))
+        F.mse_loss(ddpm.add_noise(xb, noise, t), noise)
+
+    class _Identity(torch.nn.Module):
+        def forward(self, a: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+            return a
+
+    method.denoiser.net = _Identity()  # fewstep's loss around the network, the network replaced by the identity
+    fs_loss = _time_ms(lambda: loss_fn((xb, yb), gen).float().mean())
+    method.denoiser.net = net
+    progress = Progress(disable=True)
+    task = progress.add_task("x", total=10**9)
+
+    return [
+        Component("EMA.update", _time_ms(lambda: ema.update(net)), "foreach lerp over all parameters + buffers"),
+        Component("accelerate clip_grad_norm_", _time_ms(lambda: acc.clip_grad_norm_(params, 1.0)), "grad_clip=1.0"),
+        Component("batch_indices", _time_ms(draw) - _time_ms(hand_draw),
+                  "seeded epoch permutation + 64-iteration Python loop, minus randint + index"),
+        Component("AcceleratedOptimizer.step wrapper", _time_ms(wrapped.step, 100) - _time_ms(empty.step, 100),
+                  "accelerate's per-step checks (is_lomo_available -> importlib find_spec, twice)"),
+        Component("LambdaLR.step", _time_ms(sched.step, 100), "warm-up + cosine"),
+        Component("regression_loss outside the network", fs_loss - _time_ms(hand_loss),
+                  "float64 sigma, timestep lookup, label dropout; minus hand add_noise + MSE"),
+        Component("rich Progress.update (disabled)", _time_ms(lambda: progress.update(task, advance=1), 100)),
+    ]
+
+
+def profile_train(spec: TeacherSpec, data: tuple[torch.Tensor, torch.Tensor | None], steps: int, batch: int,
+                  out: Path, top: int = 30) -> str:
+    """cProfile of one fewstep training run (cumulative time), for ``--profile``."""
+    prof = cProfile.Profile()
+    method = _TimedTeacher(spec)
+    cfg = TrainConfig(steps=steps, batch=batch, lr=1e-3, ckpt_every=10**9, progress=False)
+    prof.enable()
+    train(method, data, cfg, out)
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
+
+
+# --- sampling ----------------------------------------------------------------------------------------------
+def build_model(work: Path) -> LoadedModel:
+    """An untrained tiny8 class-conditional DDPM teacher saved as a fewstep folder (weights do not change speed)."""
+    spec, _, _ = _teacher_spec()
+    torch.manual_seed(0)
+    method = TeacherMethod(spec)
+    save_model(work / "teacher", method.config, method.denoiser.net)
+    return load_model(work / "teacher")
+
+
+def diffusers_scheduler(name: str, model: LoadedModel) -> Any:
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    process = model.config.vp_process()
+    if process is None or not isinstance(model.denoiser.net, UNetBackbone):
+        raise SystemExit("the diffusers baseline needs a UNet2DModel on a discrete VP schedule (eps, v or x0)")
+    cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpmpp-2m": DPMSolverMultistepScheduler}[name]
+    # DPMSolverMultistep defaults: dpmsolver++, order 2, lower_order_final, final sigma 0 (= fewstep's dpmpp-2m)
+    return cls.from_config(process.to_diffusers())  # timestep_spacing="trailing", fewstep's default
+
+
+@torch.no_grad()
+def diffusers_loop(unet: Any, sched: Any, steps: int, noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    sched.set_timesteps(steps)
+    x = noise * sched.init_noise_sigma
+    for t in sched.timesteps:
+        eps = unet(sched.scale_model_input(x, t), t, class_labels=labels).sample
+        x = sched.step(eps, t, x).prev_sample
+    return x
+
+
+@torch.no_grad()
+def fewstep_sampler_fn(model: LoadedModel, name: str, steps: int, noise: torch.Tensor,
+                       labels: torch.Tensor | None) -> torch.Tensor:
+    den = model.denoiser
+    sigmas = den.schedule.sampling_sigmas(spaced_timesteps(steps, den.schedule.num_train_timesteps, "trailing"))
+    opts = SamplerOptions(clip_x0=model.config.x0_clip(), ddpm_variance=model.config.ddpm_variance())
+    return SAMPLERS[name].fn(den, noise, sigmas, labels, opts)
+
+
+class _StubNet(torch.nn.Module):
+    """Stands in for the UNet so that only the code around it is timed (one cheap op, like any network's output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # generate() reads the device from a parameter
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> Any:
+        return 0.1 * x
+
+
+def _stub_unet(x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> Any:
+    return SimpleNamespace(sample=0.1 * x)
+
+
+def outside_network_ms(model: LoadedModel, name: str, steps: int, noise: torch.Tensor,
+                       labels: torch.Tensor | None, reps: int = 15) -> dict[str, float]:
+    """CPU ms per step each contestant spends outside the network, with the network replaced by a stub."""
+    den = model.denoiser
+    stub = replace(model, denoiser=Denoiser(_StubNet(), den.schedule, den.prediction, den.num_classes,
+                                            den.null_class).eval())
+    timesteps = [float(t) for t in spaced_timesteps(steps, den.schedule.num_train_timesteps, "trailing")]
+    sched = diffusers_scheduler(name, model)
+    runs = {"diffusers": partial(diffusers_loop, _stub_unet, sched, steps, noise, labels),
+            "generate": partial(generate, stub, name, timesteps, noise.shape[0], labels=labels,
+                                batch_size=noise.shape[0]),
+            "sampler_fn": partial(fewstep_sampler_fn, stub, name, steps, noise, labels)}
+    return {who: _time_ms(fn, reps) / SAMPLERS[name].nfe(steps) for who, fn in runs.items()}
+
+
+def bench_sampling(model: LoadedModel, prof: Profile, n: int, log: Callable[[str], None]) -> list[SampleRow]:
+    unet = model.denoiser.net.unet  # type: ignore[union-attr]
+    labels = class_labels(model, n, None)
+    noise = torch.randn((n, *model.sample_shape), generator=torch.Generator().manual_seed(0))
+    T = model.denoiser.schedule.num_train_timesteps
+    rows = []
+    for steps in prof.sample_steps:
+        timesteps = [float(t) for t in spaced_timesteps(steps, T, "trailing")]
+        for name in SAMPLER_NAMES:
+            sched = diffusers_scheduler(name, model)
+            runs: dict[str, Callable[[], Any]] = {
+                "diffusers": partial(diffusers_loop, unet, sched, steps, noise, labels),
+                "generate": partial(generate, model, name, timesteps, n, labels=labels, batch_size=n),
+                "sampler_fn": partial(fewstep_sampler_fn, model, name, steps, noise, labels),
+            }
+            # untimed warm-up, which is also the parity check (same noise, labels and timesteps)
+            ref, ours = runs["diffusers"](), runs["sampler_fn"]()
+            rel = float((ours - ref).abs().max() / ref.abs().max())
+            nfe = SAMPLERS[name].nfe(steps)
+            per: list[dict[str, float]] = []
+            names = list(runs)
+            for r in range(prof.sample_rounds):
+                t: dict[str, float] = {}
+                for who in names[r % 3:] + names[:r % 3]:  # rotate who goes first
+                    a = now()
+                    runs[who]()
+                    b = now()
+                    t[who], t[f"{who}_cpu"] = (b.wall - a.wall) / nfe, (b.cpu - a.cpu) / nfe
+                per.append(t)
+
+            def med(key: str, per: list[dict[str, float]] = per) -> float:
+                return median([p[key] for p in per])
+
+            def ratio(key: str, per: list[dict[str, float]] = per) -> float:
+                base = "diffusers_cpu" if key.endswith("_cpu") else "diffusers"
+                return median([p[key] / p[base] for p in per])
+
+            row = SampleRow(name, steps, nfe, n, med("diffusers"), med("generate"), med("sampler_fn"),
+                            med("diffusers_cpu"), med("generate_cpu"), med("sampler_fn_cpu"), ratio("generate"),
+                            ratio("sampler_fn"), ratio("generate_cpu"), ratio("sampler_fn_cpu"), rel, per)
+            row.diffusers_outside_ms, row.generate_outside_ms, row.sampler_fn_outside_ms = \
+                outside_network_ms(model, name, steps, noise, labels).values()
+            rows.append(row)
+            log(f"sampling {name} {steps} steps: diffusers {1e3 * row.diffusers_s_per_nfe:.1f} ms/NFE; generate "
+                f"{1e3 * row.generate_s_per_nfe:.1f} (ratio {row.generate_ratio:.3f}, CPU {row.generate_cpu_ratio:.3f})"
+                f"; sampler fn {1e3 * row.sampler_fn_s_per_nfe:.1f} (ratio {row.sampler_fn_ratio:.3f}, CPU "
+                f"{row.sampler_fn_cpu_ratio:.3f}); rel. diff {rel:.1e}; outside the network "
+                f"{row.diffusers_outside_ms:.2f} / {row.generate_outside_ms:.2f} / {row.sampler_fn_outside_ms:.2f} "
+                "ms/step (diffusers / generate / sampler fn)")
+    return rows
+
+
+# --- output ------------------------------------------------------------------------------------------------
+Table = tuple[str, list[str], list[list[str]]]  # title, columns, rows
+
+
+def _verdict(ok: bool) -> str:
+    return "meets target" if ok else "MISSES target"
+
+
+def _tables(rep: Report) -> list[Table]:
+    out: list[Table] = []
+    if rep.train is not None:
+        tr = rep.train
+        rows = [[f"{i + 1}", rd.order, f"{rd.hand_steps_s:.2f}", f"{rd.fewstep_steps_s:.2f}", f"{rd.ratio:.3f}",
+                 f"{rd.cpu_ratio:.3f}"] for i, rd in enumerate(tr.rounds)]
+        rows.append(["median", "", f"{tr.hand_steps_s:.2f}", f"{tr.fewstep_steps_s:.2f}", f"{tr.ratio:.3f}",
+                     f"{tr.cpu_ratio:.3f}"])
+        rows.append(["", "", "", "", _verdict(tr.meets_target), _verdict(tr.meets_target_cpu)])
+        if tr.interleaved is not None:
+            it = tr.interleaved
+            rows.append(["step by step", f"{it.steps} steps", f"{1e3 / it.hand_ms:.2f}", f"{1e3 / it.fewstep_ms:.2f}",
+                         f"{it.ratio:.3f}", ""])
+            rows.append(["", "", "", "", _verdict(it.meets_target), ""])
+        out.append((f"Training throughput: fewstep train vs a hand loop; tiny8 UNet2DModel ({tr.params / 1e6:.2f} M "
+                    f"params), digits 8x8 class-conditional, batch {tr.batch}, {tr.timed_steps} timed steps after "
+                    f"{tr.warmup_steps} warm-up per run. fewstep/hand >= {TRAIN_TARGET} is the target; fewstep adds "
+                    f"{tr.overhead_ms_per_step:+.1f} ms/step wall, {tr.cpu_overhead_ms_per_step:+.1f} ms/step CPU",
+                    ["round", "order", "hand steps/s", "fewstep steps/s", "fewstep/hand", "CPU-time ratio"], rows))
+        if tr.breakdown:
+            total = sum(c.ms_per_step for c in tr.breakdown)
+            rows = [[c.name, f"{c.ms_per_step:.2f}", c.note] for c in tr.breakdown]
+            rows.append(["sum", f"{total:.2f}", f"{100 * total * tr.hand_steps_s / 1e3:.1f}% of a hand step"])
+            out.append(("What the fewstep loop does per step beyond the hand loop, each timed alone (CPU ms, median)",
+                        ["component", "ms/step", "note"], rows))
+    if rep.sampling:
+        rows = [[s.sampler, str(s.steps), str(s.nfe), str(s.n), f"{1e3 * s.diffusers_s_per_nfe:.1f}",
+                 f"{1e3 * s.generate_s_per_nfe:.1f}", f"{s.generate_ratio:.3f}", f"{s.generate_cpu_ratio:.3f}",
+                 f"{1e3 * s.sampler_fn_s_per_nfe:.1f}", f"{s.sampler_fn_ratio:.3f}", f"{s.sampler_fn_cpu_ratio:.3f}",
+                 f"{s.rel_diff:.1e}"] for s in rep.sampling]
+        out.append(("Sampling: wall ms per NFE for the whole batch (medians); ratios are fewstep / diffusers time, "
+                    f"median over rounds (target <= {SAMPLE_TARGET}); rel. diff = max|fewstep - diffusers| / "
+                    "max|diffusers| from the same noise",
+                    ["sampler", "steps", "NFE", "batch", "diffusers ms", "generate ms", "ratio", "CPU ratio",
+                     "sampler fn ms", "ratio", "CPU ratio", "rel. diff"], rows))
+        rows = [[s.sampler, str(s.steps), f"{s.diffusers_outside_ms:.2f}", f"{s.generate_outside_ms:.2f}",
+                 f"{s.sampler_fn_outside_ms:.2f}",
+                 f"{100 * (s.generate_outside_ms - s.diffusers_outside_ms) / (1e3 * s.diffusers_s_per_nfe):+.2f}%",
+                 f"{100 * (s.sampler_fn_outside_ms - s.diffusers_outside_ms) / (1e3 * s.diffusers_s_per_nfe):+.2f}%"]
+                for s in rep.sampling]
+        out.append(("Sampling loops' own cost: CPU ms per step outside the network (UNet replaced by a stub, median); "
+                    "the last columns are fewstep's extra as a share of a diffusers step with the real UNet",
+                    ["sampler", "steps", "diffusers", "generate", "sampler fn", "generate extra", "sampler fn extra"],
+                    rows))
+    return out
+
+
+def print_report(rep: Report, plain: bool) -> None:
+    head = (f"fewstep speed ({rep.profile}): torch {rep.env['torch']}, diffusers {rep.env['diffusers']}, "
+            f"{rep.env['threads']} torch thread(s), {rep.env['cpus']} CPUs; load average "
+            f"{rep.load_before[0]:.2f} before, {rep.load_after[0]:.2f} after; {rep.wall_seconds:.0f} s")
+    tables = _tables(rep)
+    if not plain:
+        try:
+            from rich.console import Console
+            from rich.table import Table as RichTable
+        except ImportError:
+            plain = True
+    if plain:
+        print(head)
+        for title, cols, rows in tables:
+            widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+            print(f"\n{title}")
+            print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+            for r in rows:
+                print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+        return
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    console.print(head, highlight=False)
+    for title, cols, rows in tables:
+        table = RichTable(title=title, title_justify="left")
+        for c in cols:
+            table.add_column(c, justify="left" if c in ("round", "order", "sampler", "component", "note") else "right")
+        for r in rows:
+            table.add_row(*r)
+        console.print(table)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """diffusers' chatter (config keys a scheduler ignores) and warnings off for the run."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            dlog.set_verbosity(level)
+
+
+def main(argv: list[str] | None = None) -> Report:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer steps and rounds (about a minute)")
+    ap.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON")
+    ap.add_argument("--model", type=Path, metavar="DIR", help="model folder to sample (default: an untrained tiny8 "
+                    "class-conditional teacher built in a temporary folder)")
+    ap.add_argument("--n", type=int, default=256, help="samples per batch for the sampling benchmark")
+    ap.add_argument("--batch", type=int, default=64, help="training batch size")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: on a shared 2-core "
+                    "machine 2 OpenMP threads per process can stall 10-100x when other jobs run)")
+    ap.add_argument("--only", choices=("train", "sample"), help="run one half only")
+    ap.add_argument("--breakdown", action="store_true", help="time what the fewstep loop adds per step in --quick too "
+                    "(the full profile always does, --quick when the target is missed)")
+    ap.add_argument("--profile", action="store_true", help="print a cProfile (by own time) of one fewstep run")
+    ap.add_argument("--plain", action="store_true", help="plain-text table instead of rich")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    prof = QUICK if args.quick else FULL
+    import diffusers
+
+    env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
+           "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine()}
+    load_before = loadavg()
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    log(f"profile {prof.name}; load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
+    t0 = time.perf_counter()
+    with quiet(), tempfile.TemporaryDirectory(prefix="fewstep-speed-") as tmp:
+        work = Path(tmp)
+        train_res = None
+        if args.only != "sample":
+            breakdown = True if args.breakdown or not args.quick else None  # None: only when the target is missed
+            train_res = bench_train(prof, args.batch, work, log, breakdown=breakdown)
+            if args.profile:
+                spec, _, ds = _teacher_spec()
+                print(profile_train(spec, (ds.x, ds.y), prof.train_warmup + prof.train_steps, args.batch,
+                                    work / "profile"))
+        rows: list[SampleRow] = []
+        if args.only != "train":
+            model = load_model(args.model) if args.model else build_model(work)
+            rows = bench_sampling(model, prof, args.n, log)
+    rep = Report(prof.name, " ".join([Path(sys.executable).name, *sys.argv]), env, load_before, loadavg(),
+                 time.perf_counter() - t0, train_res, rows)
+    print_report(rep, args.plain)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(asdict(rep), indent=2) + "\n")
+        log(f"wrote {args.json}")
+    return rep
+
+
+if __name__ == "__main__":
+    main()

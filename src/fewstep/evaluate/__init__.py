@@ -1,0 +1,1 @@
+"""Evaluation: feature networks, metrics, the benchmark runner and its report (never imports distill)."""

@@ -1,0 +1,321 @@
+"""`fewstep bench`: one teacher, every sampler x NFE, diffusers' schedulers as baselines, students; cached rows.
+
+Orchestration only: it trains the teacher if its folder is missing (resuming an interrupted run), then
+evaluates rows through :mod:`fewstep.evaluate.runner`.  Each row is cached by a key over the teacher's
+weights and the row's settings in an append-only SQLite database, so an interrupted bench resumes and an
+unchanged config reuses everything.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import platform
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from fewstep.errors import FewstepError
+from fewstep.io import write_text
+
+METRICS_VERSION = 1
+SPACINGS = ("trailing", "leading", "linspace")
+
+
+@dataclass
+class Row:
+    """One line of the benchmark: how samples are produced."""
+
+    method: str  # "fewstep", "diffusers", "teacher-best", "student"
+    name: str  # sampler / scheduler / student name
+    steps: int | None = None
+    spacing: str | None = None
+    model: str | None = None  # student folder
+
+    @property
+    def label(self) -> str:
+        if self.method == "student":
+            return f"student:{self.name}"
+        sp = f" {self.spacing}" if self.spacing and self.method == "diffusers" else ""
+        return f"{self.method}:{self.name} x{self.steps}{sp}"
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    data: str
+    out: Path
+    teacher_folder: Path
+    teacher_train: dict[str, Any] = field(default_factory=dict)
+    n: int | None = None
+    seed: int = 0
+    guidance: float = 1.0
+    samplers: list[str] = field(default_factory=lambda: ["ddim", "euler", "heun", "dpmpp-2m"])
+    nfe: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    baselines: list[str] = field(default_factory=lambda: ["DDIM", "DPMSolverMultistep", "UniPC", "Euler"])
+    baseline_spacing: str = "best"  # "best": try each spacing on a small subset and keep the best FD
+    teacher_reference: dict[str, Any] = field(default_factory=lambda: {"sampler": "dpmpp-2m", "steps": 50})
+    students: list[dict[str, str]] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def load_bench_config(path: Path, profile: str = "full") -> BenchConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FewstepError(f"bench config {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise FewstepError(f"bench config {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise FewstepError(f"bench config {path} should be a YAML mapping")
+    profiles = raw.pop("profiles", {}) or {}
+    if profile not in profiles and profile != "full":
+        raise FewstepError(f"profile {profile!r} is not in {path}: choose one of {', '.join(profiles) or 'full'}")
+    raw = _merge(raw, profiles.get(profile, {}))
+    teacher = raw.pop("teacher", {}) or {}
+    known = {f.name for f in dataclasses.fields(BenchConfig)}
+    unknown = set(raw) - known
+    if unknown:
+        raise FewstepError(f"bench config {path}: unknown keys {', '.join(sorted(unknown))}")
+    if "folder" not in teacher:
+        raise FewstepError(f"bench config {path}: teacher.folder is required")
+    base = path.parent
+    cfg = BenchConfig(**{**raw, "out": base / raw.get("out", f"results/{raw.get('name', 'bench')}"),
+                         "teacher_folder": base / teacher["folder"], "teacher_train": teacher.get("train") or {},
+                         "raw": {**raw, "teacher": teacher, "profile": profile}})
+    for s in cfg.students:
+        s["model"] = str(base / s["model"])
+    return cfg
+
+
+# --- results database ---------------------------------------------------------------------------
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (run_id INTEGER PRIMARY KEY AUTOINCREMENT, started TEXT, config TEXT,
+    git_commit TEXT, machine TEXT);
+CREATE TABLE IF NOT EXISTS rows (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id INTEGER, key TEXT, label TEXT,
+    method TEXT, name TEXT, steps INTEGER, nfe INTEGER, fd REAL, kid REAL, wall_seconds REAL, result TEXT,
+    created TEXT);
+CREATE INDEX IF NOT EXISTS rows_key ON rows (key);
+"""
+
+
+class ResultsDB:
+    """Append-only SQLite store: a run per bench invocation, a row per evaluated line (never updated)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(str(path))
+        self.conn.executescript(SCHEMA)
+
+    def start_run(self, config: dict[str, Any]) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO runs (started, config, git_commit, machine) VALUES (?, ?, ?, ?)",
+            (time.strftime("%Y-%m-%dT%H:%M:%S"), json.dumps(config, default=str), _git_commit(), _machine()))
+        self.conn.commit()
+        return int(cur.lastrowid)
+
+    def cached(self, key: str) -> dict[str, Any] | None:
+        r = self.conn.execute("SELECT result FROM rows WHERE key = ? ORDER BY id DESC LIMIT 1", (key,)).fetchone()
+        return json.loads(r[0]) if r else None
+
+    def add(self, run_id: int, key: str, row: Row, result: dict[str, Any]) -> None:
+        self.conn.execute(
+            "INSERT INTO rows (run_id, key, label, method, name, steps, nfe, fd, kid, wall_seconds, result, created) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (run_id, key, row.label, row.method, row.name, row.steps, result.get("nfe"), result.get("fd"),
+             result.get("kid"), result.get("wall_seconds"), json.dumps(result), time.strftime("%Y-%m-%dT%H:%M:%S")))
+        self.conn.commit()
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _machine() -> str:
+    import os
+
+    return f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus, torch {torch.__version__}"
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _weights_file(folder: Path) -> Path:
+    for rel in ("model.safetensors", "unet/diffusion_pytorch_model.safetensors",
+                "diffusion_pytorch_model.safetensors"):
+        if (folder / rel).is_file():
+            return folder / rel
+    raise FewstepError(f"{folder} has no weights file")
+
+
+# --- the teacher --------------------------------------------------------------------------------
+def ensure_teacher(cfg: BenchConfig, log: Callable[[str], None]) -> Path:
+    """The teacher folder, trained (or resumed) here if it is missing or unfinished."""
+    from fewstep.data.datasets import load_dataset
+    from fewstep.models.backbones import default_preset, preset_backbone
+    from fewstep.training.loop import TrainConfig, train
+    from fewstep.training.teacher import TeacherMethod, TeacherSpec
+
+    folder = cfg.teacher_folder
+    t = dict(cfg.teacher_train)
+    steps = int(t.get("steps", 3000))
+    latest = folder / "checkpoints" / "latest"
+    if (folder / "config.json").is_file() and not latest.is_file():
+        return folder  # a finished or external (e.g. diffusers) teacher
+    if (folder / "config.json").is_file():
+        state = json.loads((folder / "config.json").read_text())
+        if state.get("training", {}).get("steps", 0) >= steps:
+            return folder
+    if not t:
+        raise FewstepError(f"teacher folder {folder} is missing and the config has no teacher.train section")
+    ds = load_dataset(cfg.data, "train")
+    classes = ds.num_classes if t.get("conditional", False) else 0
+    kind, bcfg = preset_backbone(t.get("preset") or default_preset(ds.sample_shape), ds.sample_shape, classes)
+    torch.manual_seed(int(t.get("seed", 0)))
+    method = TeacherMethod(TeacherSpec(objective=t.get("objective", "ddpm"), prediction=t.get("prediction"),
+                                       backbone=kind, backbone_config=bcfg, sample_shape=ds.sample_shape,
+                                       num_classes=classes, data=cfg.data))
+    log(f"training the teacher into {folder} ({steps} steps{', resuming' if latest.is_file() else ''})")
+    train(method, (ds.x, ds.y if classes else None),
+          TrainConfig(steps=steps, batch=int(t.get("batch", 64)), lr=float(t.get("lr", 1e-3)),
+                      ema_decay=float(t.get("ema_decay", 0.999)), ckpt_every=int(t.get("ckpt_every", 500)),
+                      seed=int(t.get("seed", 0)), progress=False),
+          folder, resume=latest.is_file())
+    return folder
+
+
+# --- rows ---------------------------------------------------------------------------------------
+def plan_rows(cfg: BenchConfig) -> list[Row]:
+    from fewstep.samplers import SAMPLERS
+
+    rows: list[Row] = []
+    for s in cfg.samplers:
+        if s not in SAMPLERS:
+            raise FewstepError(f"bench config: unknown sampler {s!r}")
+        seen = set()
+        for nfe in cfg.nfe:
+            steps = max(1, (nfe + 1) // 2) if s == "heun" else nfe
+            if steps not in seen:
+                seen.add(steps)
+                rows.append(Row("fewstep", s, steps))
+    for b in cfg.baselines:
+        for nfe in cfg.nfe:
+            rows.append(Row("diffusers", b, nfe, cfg.baseline_spacing))
+    ref = cfg.teacher_reference
+    if ref:
+        rows.append(Row("teacher-best", ref["sampler"], int(ref["steps"])))
+    for s in cfg.students:
+        rows.append(Row("student", s["name"], model=s["model"]))
+    return rows
+
+
+def _sample_row(row: Row, teacher, cfg: BenchConfig, n: int, spacing: str | None = None):
+    from fewstep.baselines import diffusers_generate
+    from fewstep.generate import class_labels, generate, resolve_timesteps
+    from fewstep.models.folder import load_model
+
+    if row.method == "student":
+        m = load_model(row.model)
+        d = m.config.sampling
+        return generate(m, d.sampler, resolve_timesteps(m), n, seed=cfg.seed, labels=class_labels(m, n, None),
+                        guidance=d.guidance if m.config.null_class is not None else 1.0)
+    labels = class_labels(teacher, n, None)
+    guidance = cfg.guidance if teacher.config.null_class is not None else 1.0
+    if row.method == "diffusers":
+        return diffusers_generate(teacher, row.name, row.steps, n, seed=cfg.seed, labels=labels, guidance=guidance,
+                                  spacing=spacing or "trailing")
+    return generate(teacher, row.name, resolve_timesteps(teacher, steps=row.steps, spacing="trailing"), n,
+                    seed=cfg.seed, labels=labels, guidance=guidance)
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
+    from fewstep.evaluate.report import write_report
+    from fewstep.evaluate.runner import default_n, evaluate_samples, measure
+    from fewstep.images import write_samples
+    from fewstep.models.folder import load_model
+
+    folder = ensure_teacher(cfg, log)
+    teacher = load_model(folder)
+    n = cfg.n or default_n(cfg.data)
+    out = Path(cfg.out)
+    db = ResultsDB(out / "results.sqlite")
+    run_id = db.start_run(cfg.raw)
+    teacher_hash = _file_hash(_weights_file(folder))
+    results: list[dict[str, Any]] = []
+    rows = plan_rows(cfg)
+    for i, row in enumerate(rows):
+        model_hash = _file_hash(_weights_file(Path(row.model))) if row.model else teacher_hash
+        key_obj = {"v": METRICS_VERSION, "teacher": teacher_hash, "model": model_hash, "row": dataclasses.asdict(row),
+                   "n": n, "seed": cfg.seed, "guidance": cfg.guidance, "data": cfg.data}
+        key = hashlib.sha256(json.dumps(key_obj, sort_keys=True).encode()).hexdigest()[:24]
+        hit = db.cached(key)
+        if hit is None:
+            spacing = row.spacing
+            if row.method == "diffusers" and row.spacing == "best":
+                probe = min(n, 200)  # choose the spacing on a small subset, then measure it at full n
+                scores = {}
+                for s in SPACINGS:
+                    q = measure(cfg.data, _sample_row(row, teacher, cfg, probe, s).x, None, 0)
+                    scores[s] = q.fd if q.fd is not None else q.swd
+                spacing = min(scores, key=scores.get)
+            res = _sample_row(row, teacher, cfg, n, spacing)
+            ev = evaluate_samples(cfg.data, row.label, res, cfg.seed).to_json()
+            ev.update(method=row.method, name=row.name, spacing=spacing, grid=f"grids/{key}.png",
+                      label=row.label.replace(" best", f" {spacing}"))
+            write_samples(out / "grids" / f"{key}.png", res.x[:100], nrow=10 if res.x.ndim == 4 else None)
+            db.add(run_id, key, row, ev)
+            hit = ev
+            log(f"[{i + 1}/{len(rows)}] {ev['label']}: NFE {ev['nfe']}, FD {_f(ev.get('fd'))}, "
+                f"SWD {_f(ev.get('swd'))}, {ev['samples_per_s']:.1f} samples/s")
+        else:
+            log(f"[{i + 1}/{len(rows)}] {hit['label']}: cached")
+        results.append(hit)
+    _write_csv(out / "results.csv", results)
+    teacher_info = {"folder": str(folder), "training": teacher.config.training, "data": cfg.data,
+                    "guidance": cfg.guidance, "n": n}
+    return write_report(out, cfg.name, results, teacher_info)
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+CSV_FIELDS = ["label", "method", "name", "spacing", "steps", "nfe", "guidance", "n", "fd", "fd_ci", "kid", "kid_std",
+              "precision", "recall", "accuracy", "swd", "mmd", "loglik", "wall_seconds", "samples_per_s",
+              "peak_rss_mb", "feature_accuracy", "floor"]
+
+
+def _write_csv(path: Path, results: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for r in results:
+        w.writerow({k: json.dumps(v) if isinstance(v, (dict, list, tuple)) else v for k, v in r.items()})
+    write_text(path, buf.getvalue())

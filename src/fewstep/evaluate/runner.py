@@ -1,0 +1,162 @@
+"""Measure samples (or a model's sampling) against a dataset's test split: quality and cost, typed.
+
+Images: FD, KID, precision/recall in the fewstep feature network's space, class accuracy of conditional
+samples, and the floor (train split vs test split, same n, same computation).  2-D data: sliced Wasserstein
+and MMD against fresh true samples, plus the exact log-likelihood under the true mixture for ``gmm``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import numpy as np
+import torch
+
+from fewstep.data.datasets import IMAGE_DATASETS, load_dataset
+from fewstep.errors import FewstepError
+from fewstep.evaluate import metrics as M
+from fewstep.evaluate.features import feature_extractor
+from fewstep.generate import SampleResult
+
+
+@dataclass
+class Floor:
+    """The same metrics between the train and test splits at the same n: what a perfect model scores."""
+
+    fd: float | None = None
+    kid: float | None = None
+    swd: float | None = None
+    mmd: float | None = None
+
+
+@dataclass
+class Quality:
+    n: int
+    fd: float | None = None
+    fd_ci: tuple[float, float] | None = None  # 90% bootstrap interval over the generated set
+    kid: float | None = None
+    kid_std: float | None = None
+    precision: float | None = None
+    recall: float | None = None
+    accuracy: float | None = None  # class accuracy of conditional samples (feature network's prediction)
+    swd: float | None = None
+    mmd: float | None = None
+    loglik: float | None = None  # mean exact log-likelihood under the true mixture (gmm only)
+    floor: Floor = field(default_factory=Floor)
+    feature_accuracy: float | None = None  # the feature network's own test accuracy
+
+
+@dataclass
+class EvalResult:
+    """One evaluated row: what was sampled, its quality and its cost."""
+
+    dataset: str
+    label: str
+    sampler: str
+    steps: int
+    timesteps: list[float]
+    guidance: float
+    seed: int
+    nfe: int
+    wall_seconds: float
+    samples_per_s: float
+    peak_rss_mb: float
+    quality: Quality
+
+    def to_json(self) -> dict[str, Any]:
+        q = dataclasses.asdict(self.quality)
+        top = {k: v for k, v in dataclasses.asdict(self).items() if k != "quality"}
+        return {**top, **q}
+
+
+@dataclass
+class Reference:
+    """Cached per dataset and n: test-split features (or points) and the floor."""
+
+    dataset: str
+    n: int
+    real: np.ndarray
+    gauss: M.Gaussian | None
+    floor: Floor
+    feature_accuracy: float | None
+    featurize: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray | None]]
+
+
+def default_n(dataset: str) -> int:
+    """The size of the reference (test) split, capped at 5,000 for the 2-D sets and fashion."""
+    return min(len(load_dataset(dataset, "test")), 5000)
+
+
+@cache
+def reference(dataset: str, n: int) -> Reference:
+    test, train = load_dataset(dataset, "test"), load_dataset(dataset, "train")
+    if n > len(test) or n > len(train):
+        raise FewstepError(f"--n {n} exceeds {dataset}'s test split ({len(test)}) or train split ({len(train)}): "
+                           "FD is biased by n, so it is computed at equal sizes; lower --n")
+    g = torch.Generator().manual_seed(1234)
+    test_x = test.x[torch.randperm(len(test), generator=g)[:n]]
+    train_x = train.x[torch.randperm(len(train), generator=g)[:n]]
+    if dataset in IMAGE_DATASETS:
+        fx = feature_extractor(dataset)
+
+        def featurize(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+            f, pred = fx(x)
+            return f.double().numpy(), pred.numpy()
+
+        real, train_f = featurize(test_x)[0], featurize(train_x)[0]
+        gauss = M.Gaussian.fit(real)
+        floor = Floor(fd=M.frechet_distance(M.Gaussian.fit(train_f), gauss),
+                      kid=M.kid(train_f, real, subset_size=min(500, n))[0])
+        return Reference(dataset, n, real, gauss, floor, fx.test_accuracy, featurize)
+    real = test_x.double().numpy()
+    fake = train_x.double().numpy()
+    floor = Floor(swd=M.sliced_wasserstein(fake, real), mmd=M.mmd_rbf(fake[:2000], real[:2000]))
+    return Reference(dataset, n, real, None, floor, None, lambda x: (x.double().numpy(), None))
+
+
+def measure(dataset: str, x: torch.Tensor, labels: torch.Tensor | None = None, bootstrap: int = 20) -> Quality:
+    """Quality of samples ``x`` (N, ...) against ``dataset``'s test split at n = N."""
+    n = len(x)
+    ref = reference(dataset, n)
+    x = x.float()
+    if not torch.isfinite(x).all():
+        raise FewstepError("samples contain NaN or inf: the model or sampler diverged")
+    feats, pred = ref.featurize(x)
+    if ref.gauss is not None:
+        q = Quality(n=n, fd=M.frechet_distance(M.Gaussian.fit(feats), ref.gauss),
+                    fd_ci=M.bootstrap_fd(feats, ref.gauss, rounds=bootstrap) if bootstrap else None,
+                    floor=ref.floor, feature_accuracy=ref.feature_accuracy)
+        q.kid, q.kid_std = M.kid(feats, ref.real, subset_size=min(500, n))
+        q.precision, q.recall = M.precision_recall(ref.real, feats, k=3)
+        if labels is not None and pred is not None:
+            q.accuracy = float((pred == labels.numpy()).mean())
+        return q
+    q = Quality(n=n, swd=M.sliced_wasserstein(feats, ref.real), mmd=M.mmd_rbf(feats[:2000], ref.real[:2000]),
+                floor=ref.floor)
+    if dataset == "gmm":
+        from fewstep.data.toy import gmm8
+
+        q.loglik = float(gmm8().log_prob(x.double()).mean())
+    return q
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB); CUDA: peak allocated on the device."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def evaluate_samples(dataset: str, label: str, res: SampleResult, seed: int, bootstrap: int = 20) -> EvalResult:
+    q = measure(dataset, res.x, res.labels, bootstrap)
+    return EvalResult(dataset=dataset, label=label, sampler=res.sampler, steps=len(res.timesteps),
+                      timesteps=res.timesteps, guidance=res.guidance, seed=seed, nfe=res.nfe,
+                      wall_seconds=res.wall_seconds, samples_per_s=res.samples_per_s, peak_rss_mb=peak_rss_mb(),
+                      quality=q)

@@ -43,11 +43,16 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
+# Quality-vs-speed sweeps (teachers trained if missing, cached in benchmarks/cache/; rows cached in each
+# results.sqlite, so an interrupted run resumes) and the speed benchmark.  Reports: benchmarks/results/.
 bench-quick: $(STAMP)
+	$(PY) -m fewstep bench benchmarks/digits.yaml --profile quick
 	$(PY) benchmarks/speed.py --quick
 
 bench: $(STAMP)
-	$(PY) benchmarks/speed.py
+	$(PY) -m fewstep bench benchmarks/digits.yaml
+	$(PY) -m fewstep bench benchmarks/mnist.yaml
+	$(PY) benchmarks/speed.py --json benchmarks/results/speed.json
 
 clean:
 	rm -rf runs .pytest_cache

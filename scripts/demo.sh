@@ -5,7 +5,7 @@
 set -eu
 PY=${PY:-.venv/bin/python}
 OUT=${DEMO_OUT:-runs/demo}
-STEPS=${DEMO_STEPS:-4000}
+STEPS=${DEMO_STEPS:-2000}
 FS="$PY -m fewstep"
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
@@ -27,4 +27,7 @@ for spec in "dpmpp-2m 10" "ddim 50" "heun 10"; do
 done
 $FS sample --model "$OUT/teacher" --sampler dpmpp-2m --steps 10 --guidance 2 --class 3 --n 16 \
   --out "$OUT/class3_dpmpp-2m_10.png" | tee -a "$SUMMARY"
-echo "grids and this summary are in $OUT/" | tee -a "$SUMMARY"
+$FS evaluate --model "$OUT/teacher" --sampler dpmpp-2m --steps 10 --guidance 2 --json "$OUT/evaluate.json" \
+  | tee -a "$SUMMARY"
+$FS bench scripts/demo-bench.yaml | tail -n 1 | tee -a "$SUMMARY"
+echo "grids, evaluate.json and this summary are in $OUT/; open $OUT/bench/report.html" | tee -a "$SUMMARY"

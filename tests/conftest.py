@@ -1,10 +1,14 @@
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# feature networks and other caches go to a fresh folder: tests never read or write the user's cache
+os.environ["FEWSTEP_CACHE"] = tempfile.mkdtemp(prefix="fewstep-test-cache-")
+# tiny networks: one thread is as fast and immune to oversubscription on a shared 2-core machine
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fewstep.errors import FewstepError
@@ -35,7 +36,8 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except FewstepError as e:
-            console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            # escape: messages quote user paths and values, which may hold "[...]" (rich markup)
+            console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("interrupted: the last checkpoint is kept (continue with --resume)")
@@ -106,8 +108,9 @@ def train(
                                    "same --data/--preset/--objective/--prediction/--conditional as before")
     result = run(method, (ds.x, ds.y if num_classes else None), cfg, out, resume=resume)
     loss = ", ".join(f"{k} {v:.4f}" for k, v in result.final_loss.items())
-    out_console.print(f"trained {result.steps} steps in {result.wall_seconds:.1f} s (final loss {loss}); "
-                      f"model folder: {out}")
+    loss = f"final loss {loss}" if loss else "the run had already finished: nothing to do"
+    out_console.print(f"trained {result.steps} steps in {result.wall_seconds:.1f} s ({loss}); model folder: {out}",
+                      markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -121,8 +124,9 @@ def sample(
     spacing: Annotated[str | None, typer.Option(help=SPACING_HELP)] = None,
     timesteps: Annotated[str | None, typer.Option(help=TIMESTEP_HELP)] = None,
     eta: Annotated[float, typer.Option(help="DDIM eta (0: deterministic).")] = 0.0,
-    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale w: x0_u + w (x0_c - "
-                                                      "x0_u); 1 = conditional only; each guided step costs 2 NFE.")] = None,
+    guidance: Annotated[float | None, typer.Option(
+        help="Classifier-free guidance scale w: x0_u + w (x0_c - x0_u); 1 = conditional only; each guided step "
+             "costs 2 NFE.")] = None,
     class_: Annotated[int | None, typer.Option("--class", help="Class of every sample (default: cycle "
                                                   "through the classes).")] = None,
     n: Annotated[int, typer.Option(help="Number of samples.")] = 64,
@@ -159,7 +163,8 @@ def sample(
                    batch_size=batch_size)
     write_samples(out, res.x)
     out_console.print(f"{n} samples with {res.sampler} at {len(ts)} steps ({res.nfe} NFE per sample) in "
-                      f"{res.wall_seconds:.2f} s ({res.samples_per_s:.1f} samples/s) -> {out}")
+                      f"{res.wall_seconds:.2f} s ({res.samples_per_s:.1f} samples/s) -> {out}",
+                      markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -170,7 +175,7 @@ def info(model: Annotated[Path, typer.Argument(help="A model folder.")]) -> None
 
     table = Table(show_header=False, box=None)
     for k, v in describe(load_model(model)):
-        table.add_row(f"[bold]{k}[/bold]", v)
+        table.add_row(f"[bold]{k}[/bold]", escape(v))
     out_console.print(table)
 
 
@@ -183,7 +188,7 @@ def export(
     """Write a model as a diffusers folder: DDPMPipeline (unconditional) or unet/ + scheduler/ (conditional)."""
     from fewstep.models.folder import export_diffusers, load_model
 
-    out_console.print("wrote " + export_diffusers(load_model(model), out))
+    out_console.print("wrote " + export_diffusers(load_model(model), out), markup=False, soft_wrap=True)
 
 
 from fewstep.cli_eval import register as _register_eval  # noqa: E402

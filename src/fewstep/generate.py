@@ -45,7 +45,8 @@ def resolve_timesteps(model: LoadedModel, steps: int | None = None, spacing: str
         return [float(t) for t in timesteps]
     if steps is None and d.timesteps is not None and spacing is None:
         return [float(t) for t in d.timesteps]
-    return [float(t) for t in spaced_timesteps(steps or d.steps, T, spacing or d.spacing)]
+    # `steps is None`, not `steps or`: --steps 0 must fail, not silently mean the default
+    return [float(t) for t in spaced_timesteps(d.steps if steps is None else steps, T, spacing or d.spacing)]
 
 
 def class_labels(model: LoadedModel, n: int, class_id: int | None) -> torch.Tensor | None:
@@ -74,6 +75,10 @@ def generate(model: LoadedModel, sampler: str, timesteps: list[float], n: int, s
     """Draw ``n`` samples.  Sample ``i`` uses noise seeded by ``(seed, start_index + i)``, so it does not
     depend on ``batch_size``; ``latents`` (unit-variance eps, shape (n, *sample_shape)) replaces that noise."""
     check_sampler(sampler)
+    if n < 1:
+        raise FewstepError(f"--n {n}: ask for at least one sample")
+    if batch_size < 1:
+        raise FewstepError(f"--batch-size {batch_size}: give at least 1")
     spec = SAMPLERS[sampler]
     den = model.denoiser
     shape = model.sample_shape

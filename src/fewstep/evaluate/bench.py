@@ -187,11 +187,11 @@ def ensure_teacher(cfg: BenchConfig, log: Callable[[str], None]) -> Path:
     t = dict(cfg.teacher_train)
     steps = int(t.get("steps", 3000))
     latest = folder / "checkpoints" / "latest"
-    if (folder / "config.json").is_file() and not latest.is_file():
-        return folder  # a finished or external (e.g. diffusers) teacher
-    if (folder / "config.json").is_file():
-        state = json.loads((folder / "config.json").read_text())
-        if state.get("training", {}).get("steps", 0) >= steps:
+    if (folder / "config.json").is_file() or (folder / "model_index.json").is_file() or (folder / "unet").is_dir():
+        if not t or not latest.is_file():
+            return folder  # an external (e.g. diffusers) teacher, or one this config does not train
+        trained = json.loads((folder / "config.json").read_text()).get("training", {}).get("steps", 0)
+        if trained >= steps:
             return folder
     if not t:
         raise FewstepError(f"teacher folder {folder} is missing and the config has no teacher.train section")

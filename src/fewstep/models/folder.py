@@ -83,6 +83,9 @@ class ModelConfig:
         fields = {k: v for k, v in self.schedule.items() if k != "type"}
         if fields.get("trained_betas"):
             fields["trained_betas"] = tuple(fields["trained_betas"])
+        # the schedule dict leaves out the prediction (vp_schedule_dict pops it): take the model's own, else a
+        # v-prediction teacher would export (and run as a diffusers baseline) as epsilon-prediction
+        fields["prediction"] = self.prediction
         return VPProcess(**fields)
 
     def noise_schedule(self) -> NoiseSchedule:
@@ -141,7 +144,8 @@ def model_card(config: ModelConfig, extra: str = "") -> str:
         f"- data: {config.data or 'unknown'}; samples of shape {tuple(config.sample_shape)}; {cls}\n"
         f"- network: {config.backbone} predicting `{config.prediction}`; schedule: {config.schedule.get('type')}\n"
         f"- training: {', '.join(f'{k}={v}' for k, v in config.training.items()) or 'n/a'}\n\n"
-        f"Sample it with:\n\n```\nfewstep sample --model THIS_FOLDER --sampler {s.sampler} {how} --out samples.png\n```\n"
+        f"Sample it with:\n\n```\nfewstep sample --model THIS_FOLDER --sampler {s.sampler} {how} "
+        "--out samples.png\n```\n"
         f"{extra}"
     )
 
@@ -157,8 +161,9 @@ def save_model(path: Path, config: ModelConfig, net: nn.Module, card_extra: str 
 def _load_state(net: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
     try:
         net.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0][:120]
+    except RuntimeError as e:  # name the first mismatch, not torch's generic "Error(s) in loading ..." header
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        first = (lines[1] if len(lines) > 1 else lines[0])[:160]
         raise FewstepError(f"weights in {where} do not fit the network its config describes ({first})") from None
 
 
@@ -171,7 +176,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         raise FewstepError(f"{path} is not a folder: --model takes a fewstep or diffusers model folder")
     if (path / "config.json").is_file() and read_json(path / "config.json").get("format") == FORMAT:
         config = ModelConfig.from_json(read_json(path / "config.json"), str(path / "config.json"))
-        den = build_denoiser(config)
+        try:
+            den = build_denoiser(config)
+        except FewstepError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an edited/corrupt config makes diffusers or torch raise anything
+            raise FewstepError(f"{path / 'config.json'} describes a network that cannot be built "
+                               f"({str(e).splitlines()[0][:120]}): restore or recreate the model folder") from None
         _load_state(den.net, load_tensors(path / "model.safetensors"), path)
         return LoadedModel(den.to(device).eval(), config, "fewstep", path)
     return _load_diffusers(path, device)
@@ -241,8 +252,8 @@ def export_diffusers(model: LoadedModel, out: Path) -> str:
     if cfg.sampling.timesteps is not None or cfg.role != "teacher":
         raise FewstepError("this model is a few-step student; diffusers' DDPMScheduler would sample it with the "
                            "wrong steps, so fewstep does not export it")
-    if out.exists() and any(out.iterdir()):
-        raise FewstepError(f"{out} exists and is not empty: choose a new output folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FewstepError(f"{out} exists and is not an empty folder: choose a new output folder")
     unet: UNet2DModel = model.denoiser.net.unet  # type: ignore[union-attr]
     scheduler = DDPMScheduler.from_config(process.to_diffusers())
     if cfg.num_classes:

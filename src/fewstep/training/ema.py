@@ -16,6 +16,8 @@ class EMA:
         self.decay, self.warmup = decay, warmup
         self.module = copy.deepcopy(module).eval().requires_grad_(False)
         self.num_updates = 0
+        self._ema_params = list(self.module.parameters())
+        self._ema_buffers = list(self.module.buffers())
 
     def current_decay(self) -> float:
         n = self.num_updates
@@ -24,9 +26,8 @@ class EMA:
     @torch.no_grad()
     def update(self, online: nn.Module) -> None:
         d = self.current_decay()
-        ema_p = [p for p in self.module.parameters()]
-        on_p = [p.detach().to(e.dtype) for p, e in zip(online.parameters(), ema_p)]
-        torch._foreach_lerp_(ema_p, on_p, 1 - d)
-        for b_ema, b in zip(self.module.buffers(), online.buffers()):
+        on_p = [p.detach() for p in online.parameters()]
+        torch._foreach_lerp_(self._ema_params, on_p, 1 - d)
+        for b_ema, b in zip(self._ema_buffers, online.buffers()):
             b_ema.copy_(b)
         self.num_updates += 1

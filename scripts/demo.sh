@@ -1,8 +1,8 @@
-#!/bin/sh
+#!/usr/bin/env bash
 # `make demo`: the main job in miniature.  Trains a class-conditional teacher on digits (cached: an
 # interrupted run resumes, a finished one is reused), samples it with two samplers, and writes sample grids
 # and a short summary under runs/demo/.
-set -eu
+set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${DEMO_OUT:-runs/demo}
 STEPS=${DEMO_STEPS:-2000}

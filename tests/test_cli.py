@@ -341,7 +341,7 @@ def test_train_then_resume(tmp_path):
     assert all(torch.equal(again[k], weights[k]) for k in weights)
     # with another network it refuses (exit 2, one line)
     res = _run("train", "--data", "gmm", "--preset", "mlp", "--steps", "30", "--out", tmp_path / "run", "--resume")
-    assert res.exit_code == 2 and "another network" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert res.exit_code == 2 and "other settings" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     res = _run(*args, "--out", tmp_path / "fresh", "--resume")
     assert res.exit_code == 2 and "no checkpoint" in res.stderr
 
@@ -353,3 +353,24 @@ def test_python_dash_m_fewstep_help():
     for command in ("train", "sample", "info", "export"):
         assert command in proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+def test_train_resume_of_a_unet_run_and_refusals(tmp_path):
+    """UNet configs hold tuples in memory and lists on disk: --resume must still recognise the run."""
+    from typer.testing import CliRunner
+
+    from fewstep.cli import app
+
+    r = CliRunner()
+    args = ["train", "--data", "digits", "--preset", "test8", "--conditional", "--steps", "4", "--batch", "8",
+            "--ckpt-every", "2", "--out", str(tmp_path / "u")]
+    assert r.invoke(app, args).exit_code == 0
+    assert r.invoke(app, [*args, "--resume"]).exit_code == 0
+    bad = r.invoke(app, [*args[:-2], "--out", str(tmp_path / "u"), "--beta-schedule", "scaled_linear", "--resume"])
+    assert bad.exit_code == 2 and "schedule" in bad.output
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "README.md").write_text("mine")
+    busy = r.invoke(app, [*args[:-2], "--out", str(tmp_path / "other")])
+    assert busy.exit_code == 2 and (tmp_path / "other" / "README.md").read_text() == "mine"
+    assert r.invoke(app, [*args[:-2], "--out", str(tmp_path / "z"), "--ckpt-every", "0"]).exit_code == 2
+    assert r.invoke(app, [*args[:-2], "--out", str(tmp_path / "z"), "--mixed-precision", "fp8"]).exit_code == 2

@@ -53,7 +53,7 @@ def test_evaluate_needs_data_for_a_diffusers_folder(digits_teacher, tmp_path):
     assert r.exit_code == 2 and "unknown dataset" in r.output
 
 
-def _bench_config(tmp_path, teacher):
+def _bench_config(tmp_path, teacher, spacing="trailing"):
     cfg = tmp_path / "bench.yaml"
     cfg.write_text(f"""
 name: tiny
@@ -65,7 +65,7 @@ n: 100
 samplers: [ddim, heun]
 nfe: [1, 2]
 baselines: [DDIM]
-baseline_spacing: best
+baseline_spacing: {spacing}
 teacher_reference: {{sampler: ddim, steps: 8}}
 """)
     return cfg
@@ -88,8 +88,8 @@ def test_bench_writes_db_csv_plots_report_and_caches_rows(digits_teacher, tmp_pa
     results = {json.loads(j)["label"]: json.loads(j) for (j,) in db.execute("SELECT result FROM rows")}
     ours = results["fewstep:ddim x2"]
     theirs = next(v for k, v in results.items() if k.startswith("diffusers:DDIM x2"))
-    if theirs["spacing"] == "trailing":  # the same algorithm on the same noise: the same samples
-        assert theirs["fd"] == pytest.approx(ours["fd"], rel=1e-3)
+    assert theirs["spacing"] == "trailing"  # the same algorithm on the same noise: the same samples
+    assert theirs["fd"] == pytest.approx(ours["fd"], rel=1e-3)
     assert len(list((out / "grids").glob("*.png"))) == 6
     # unchanged config: every row comes from the cache, nothing is appended
     r2 = _run("bench", cfg)
@@ -116,7 +116,7 @@ def test_report_renders_in_headless_chromium(digits_teacher, tmp_path):
     if exe is None:
         pytest.skip("chromium is not installed (CI installs it: apt-get install chromium)")
     model, _ = digits_teacher
-    cfg = _bench_config(tmp_path, model)
+    cfg = _bench_config(tmp_path, model, spacing="best")  # also exercises the spacing probe
     assert _run("bench", cfg).exit_code == 0
     report = tmp_path / "out" / "report.html"
     t0 = time.time()

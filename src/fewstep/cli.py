@@ -100,12 +100,17 @@ def train(
     if resume:
         saved = Path(out) / "config.json"
         if saved.is_file():  # rebuild the network the run was started with
+            import json
+
             from fewstep.io import read_json
+
             prior = read_json(saved)
-            if prior.get("backbone_config") != method.config.backbone_config or \
-                    prior.get("prediction") != method.config.prediction:
-                raise FewstepError(f"--resume: {out} was trained with another network or objective: pass the "
-                                   "same --data/--preset/--objective/--prediction/--conditional as before")
+            now = json.loads(json.dumps(method.config.to_json()))  # tuples -> lists, as saved
+            differ = [k for k in ("backbone", "backbone_config", "prediction", "schedule", "data", "num_classes")
+                      if prior.get(k) != now.get(k)]
+            if differ:
+                raise FewstepError(f"--resume: {out} was started with other settings ({', '.join(differ)}): pass the "
+                                   "same --data/--preset/--objective/--prediction/--conditional/--beta-schedule")
     result = run(method, (ds.x, ds.y if num_classes else None), cfg, out, resume=resume)
     loss = ", ".join(f"{k} {v:.4f}" for k, v in result.final_loss.items())
     loss = f"final loss {loss}" if loss else "the run had already finished: nothing to do"
@@ -154,7 +159,7 @@ def sample(
             raise FewstepError(f"--latents file {latents} does not exist")
         try:
             lat = torch.from_numpy(np.load(latents, allow_pickle=False)).float()
-        except ValueError as e:
+        except (ValueError, TypeError, EOFError, OSError) as e:
             raise FewstepError(f"--latents {latents} is not a numeric .npy array ({e})") from None
         n = lat.shape[0] if lat.ndim > 0 else n
     labels = class_labels(m, n, class_)

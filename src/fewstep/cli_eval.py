@@ -39,9 +39,11 @@ def register(app: typer.Typer, friendly, out_console, parse_timesteps, help_text
         seed: Annotated[int, typer.Option(help="Noise seed (same seed, same numbers).")] = 0,
         json_out: Annotated[Path | None, typer.Option("--json", help="Write every metric as JSON here.")] = None,
         batch_size: Annotated[int, typer.Option(help="Samples per network call.")] = 500,
+        inception: Annotated[bool, typer.Option("--inception", help="Also InceptionV3 FD (needs `make inception`; "
+                                                "slow on CPU, biased at small n).")] = False,
     ) -> None:
         """Sample a model and measure FD, KID, precision/recall, class accuracy and cost against the test split."""
-        from fewstep.data.datasets import DATASETS
+        from fewstep.data.datasets import DATASETS, dataset_info
         from fewstep.evaluate.runner import default_n, evaluate_samples
         from fewstep.generate import class_labels, generate, resolve_timesteps
         from fewstep.io import write_json
@@ -53,6 +55,16 @@ def register(app: typer.Typer, friendly, out_console, parse_timesteps, help_text
             raise FewstepError(f"{model} does not record its dataset: pass --data NAME (one of {', '.join(DATASETS)})")
         if dataset not in DATASETS:
             raise FewstepError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
+        shape, classes = dataset_info(dataset)
+        if tuple(m.sample_shape) != tuple(shape):
+            raise FewstepError(f"the model makes samples of shape {tuple(m.sample_shape)} but {dataset} has "
+                               f"{tuple(shape)}: pass the --data the model was trained on")
+        if m.config.num_classes and m.config.num_classes != classes:
+            raise FewstepError(f"the model has {m.config.num_classes} classes but {dataset} has {classes}")
+        if inception:
+            from fewstep.evaluate.inception import _network
+
+            _network()  # fail early with the install hint
         n = n or default_n(dataset)
         ts = resolve_timesteps(m, steps, spacing, parse_timesteps(timesteps))
         d = m.config.sampling
@@ -60,12 +72,16 @@ def register(app: typer.Typer, friendly, out_console, parse_timesteps, help_text
                        guidance=guidance if guidance is not None else d.guidance, eta=eta, batch_size=batch_size)
         row = evaluate_samples(dataset, str(model), res, seed)
         js = row.to_json()
+        if inception:
+            from fewstep.evaluate.inception import inception_fd
+
+            js["inception_fd"] = inception_fd(dataset, res.x)
         table = Table(title=f"{model} on {dataset} (n={n})")
         table.add_column("metric")
         table.add_column("value", justify="right")
         table.add_column("floor (train vs test)", justify="right")
         floor = js["floor"]
-        for key in ("fd", "fd_ci", "kid", "precision", "recall", "accuracy", "swd", "mmd", "loglik"):
+        for key in ("fd", "fd_ci", "kid", "precision", "recall", "accuracy", "swd", "mmd", "loglik", "inception_fd"):
             if js.get(key) is not None:
                 table.add_row(key, _fmt(js[key]), _fmt(floor.get(key)))
         for key in ("nfe", "wall_seconds", "samples_per_s", "peak_rss_mb", "feature_accuracy"):

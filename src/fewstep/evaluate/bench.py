@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import yaml
 
+import fewstep
 from fewstep.errors import FewstepError
 from fewstep.io import write_text
 
@@ -103,7 +104,12 @@ def load_bench_config(path: Path, profile: str = "full") -> BenchConfig:
                          "teacher_folder": base / teacher["folder"], "teacher_train": teacher.get("train") or {},
                          "raw": {**raw, "teacher": teacher, "profile": profile}})
     for s in cfg.students:
+        if not isinstance(s, dict) or "name" not in s or "model" not in s:
+            raise FewstepError(f"bench config {path}: each student needs `name` and `model`, got {s!r}")
         s["model"] = str(base / s["model"])
+    ref = cfg.teacher_reference
+    if ref and (not isinstance(ref, dict) or "sampler" not in ref or "steps" not in ref):
+        raise FewstepError(f"bench config {path}: teacher_reference needs `sampler` and `steps`")
     return cfg
 
 
@@ -195,6 +201,12 @@ def ensure_teacher(cfg: BenchConfig, log: Callable[[str], None]) -> Path:
             return folder
     if not t:
         raise FewstepError(f"teacher folder {folder} is missing and the config has no teacher.train section")
+    if latest.is_file():
+        state = folder / "checkpoints" / latest.read_text().strip() / "state.json"
+        planned = json.loads(state.read_text())["config"]["steps"] if state.is_file() else steps
+        if planned != steps:
+            raise FewstepError(f"the teacher run in {folder} was started for {planned} steps but the config asks for "
+                               f"{steps}: delete {folder} to retrain, or set teacher.train.steps: {planned}")
     ds = load_dataset(cfg.data, "train")
     classes = ds.num_classes if t.get("conditional", False) else 0
     kind, bcfg = preset_backbone(t.get("preset") or default_preset(ds.sample_shape), ds.sample_shape, classes)
@@ -268,15 +280,20 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     db = ResultsDB(out / "results.sqlite")
     run_id = db.start_run(cfg.raw)
     teacher_hash = _file_hash(_weights_file(folder))
+    teacher_cfg_hash = hashlib.sha256(json.dumps(teacher.config.to_json(), sort_keys=True, default=str).encode()
+                                      ).hexdigest()[:16]
     results: list[dict[str, Any]] = []
     rows = plan_rows(cfg)
     for i, row in enumerate(rows):
         model_hash = _file_hash(_weights_file(Path(row.model))) if row.model else teacher_hash
-        key_obj = {"v": METRICS_VERSION, "teacher": teacher_hash, "model": model_hash, "row": dataclasses.asdict(row),
-                   "n": n, "seed": cfg.seed, "guidance": cfg.guidance, "data": cfg.data}
+        key_obj = {"v": METRICS_VERSION, "fewstep": fewstep.__version__, "teacher": teacher_hash,
+                   "model": model_hash, "row": dataclasses.asdict(row), "n": n, "seed": cfg.seed,
+                   "guidance": cfg.guidance, "data": cfg.data, "teacher_config": teacher_cfg_hash}
         key = hashlib.sha256(json.dumps(key_obj, sort_keys=True).encode()).hexdigest()[:24]
         hit = db.cached(key)
         if hit is None:
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
             spacing = row.spacing
             if row.method == "diffusers" and row.spacing == "best":
                 probe = min(n, 200)  # choose the spacing on a small subset, then measure it at full n

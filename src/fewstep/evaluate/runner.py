@@ -88,6 +88,11 @@ class Reference:
     featurize: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray | None]]
 
 
+def kid_subset(n: int) -> int:
+    """KID subset size: half the set (at most 1000), so subsets differ and the spread means something."""
+    return max(2, min(1000, n // 2))
+
+
 def default_n(dataset: str) -> int:
     """The size of the reference (test) split, capped at 5,000 for the 2-D sets and fashion."""
     return min(len(load_dataset(dataset, "test")), 5000)
@@ -112,7 +117,7 @@ def reference(dataset: str, n: int) -> Reference:
         real, train_f = featurize(test_x)[0], featurize(train_x)[0]
         gauss = M.Gaussian.fit(real)
         floor = Floor(fd=M.frechet_distance(M.Gaussian.fit(train_f), gauss),
-                      kid=M.kid(train_f, real, subset_size=min(500, n))[0])
+                      kid=M.kid(train_f, real, subset_size=kid_subset(n))[0])
         return Reference(dataset, n, real, gauss, floor, fx.test_accuracy, featurize)
     real = test_x.double().numpy()
     fake = train_x.double().numpy()
@@ -132,7 +137,7 @@ def measure(dataset: str, x: torch.Tensor, labels: torch.Tensor | None = None, b
         q = Quality(n=n, fd=M.frechet_distance(M.Gaussian.fit(feats), ref.gauss),
                     fd_ci=M.bootstrap_fd(feats, ref.gauss, rounds=bootstrap) if bootstrap else None,
                     floor=ref.floor, feature_accuracy=ref.feature_accuracy)
-        q.kid, q.kid_std = M.kid(feats, ref.real, subset_size=min(500, n))
+        q.kid, q.kid_std = M.kid(feats, ref.real, subset_size=kid_subset(n))
         q.precision, q.recall = M.precision_recall(ref.real, feats, k=3)
         if labels is not None and pred is not None:
             q.accuracy = float((pred == labels.numpy()).mean())
@@ -147,7 +152,8 @@ def measure(dataset: str, x: torch.Tensor, labels: torch.Tensor | None = None, b
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MB); CUDA: peak allocated on the device."""
+    """CUDA: peak memory allocated on the device since the row started (the caller resets it).  CPU: the
+    peak resident memory of the whole process so far (ru_maxrss), an upper bound that includes earlier work."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -133,6 +133,12 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
         cfg = TrainConfig(**{**saved["config"], "progress": cfg.progress})
     elif (out / "checkpoints").exists() or (out / "config.json").exists():
         raise FewstepError(f"{out} already holds a model or training run: pass --resume or choose a new --out")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FewstepError(f"{out} exists and is not an empty folder: choose a new --out (nothing was written)")
+    if cfg.ckpt_every < 1 or cfg.steps < 1 or cfg.batch < 1 or cfg.grad_accum < 1:
+        raise FewstepError("--steps, --batch, --ckpt-every and gradient accumulation must be at least 1")
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise FewstepError(f"--mixed-precision {cfg.mixed_precision!r}: use no, fp16 or bf16")
 
     acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1)
     device = acc.device
@@ -164,6 +170,9 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
     world, rank = acc.num_processes, acc.process_index
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
+    if resume and metrics_path.is_file():  # drop what was logged after the checkpoint we resume from
+        kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        write_text(metrics_path, "".join(ln + "\n" for ln in kept))
     history: list[dict[str, Any]] = []
     running: dict[str, list[float]] = {ph.name: [] for ph in phases}
 

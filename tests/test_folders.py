@@ -27,14 +27,7 @@ from fewstep.training.teacher import TeacherMethod, TeacherSpec
 SHAPE = (1, 8, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny 8x8 networks gain nothing from threads, and one thread avoids OpenMP spin-waiting on a shared machine
-    (measured here under load: 3 test8 steps take 0.02 s with 1 thread, 4 s with 2)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# conftest.py pins torch to one thread for the whole suite.
 
 
 # --- helpers ------------------------------------------------------------------------------------------

@@ -46,6 +46,10 @@ def _start(noise: Tensor, sigmas: Tensor) -> Tensor:
     return noise * float((1 + sigmas[0] ** 2).sqrt())
 
 
+def _clip(x0: Tensor, opts: SamplerOptions) -> Tensor:
+    return opts.clip_x0(x0) if opts.clip_x0 is not None else x0
+
+
 def _call(denoiser: DenoiserFn, x: Tensor, sigma: Tensor, cond: Tensor | None) -> Prediction:
     return denoiser(x, sigma.to(x.device).expand(x.shape[0]), cond)
 
@@ -111,7 +115,7 @@ def sample_ddim(denoiser: DenoiserFn, noise: Tensor, sigmas: Tensor, cond: Tenso
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         p = _call(denoiser, x, s, cond)
-        x0 = opts.clip_x0(p.x0) if opts.clip_x0 is not None else p.x0
+        x0 = _clip(p.x0, opts)
         ab_t, ab_s = 1 / (1 + s**2), 1 / (1 + s_next**2)
         var = (1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)  # eq. 16 sigma_t(eta = 1)^2
         std = opts.eta * var.sqrt()
@@ -130,7 +134,7 @@ def sample_ddpm(denoiser: DenoiserFn, noise: Tensor, sigmas: Tensor, cond: Tenso
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         p = _call(denoiser, x, s, cond)
-        x0 = opts.clip_x0(p.x0) if opts.clip_x0 is not None else p.x0
+        x0 = _clip(p.x0, opts)
         ab_t, ab_s = 1 / (1 + s**2), 1 / (1 + s_next**2)
         alpha, beta = ab_t / ab_s, 1 - ab_t / ab_s
         z_t = x * float(ab_t.sqrt())

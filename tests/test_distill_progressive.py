@@ -44,3 +44,22 @@ def test_progressive_students_beat_teacher_ddim_at_1_and_2_steps(tmp_path):
         swd_s, swd_t = M.sliced_wasserstein(xs, test), M.sliced_wasserstein(xt, test)
         # measured (8 -> 1, 400 iterations a round): students ~0.09, teacher DDIM 0.48 (1 step), 0.81 (2 steps)
         assert swd_s < 0.5 * swd_t, (n, swd_s, swd_t)
+
+
+def test_distill_cli_writes_a_student_that_samples_with_no_flags(tmp_path):
+    from typer.testing import CliRunner
+
+    from fewstep.cli import app
+
+    r = CliRunner()
+    assert r.invoke(app, ["train", "--data", "gmm", "--preset", "mlp-small", "--steps", "20", "--batch", "64",
+                          "--out", str(tmp_path / "t")]).exit_code == 0
+    res = r.invoke(app, ["distill", "--teacher", str(tmp_path / "t"), "--out", str(tmp_path / "s"), "--steps", "1",
+                         "--start-steps", "2", "--iters", "5", "--batch", "32"])
+    assert res.exit_code == 0, res.output
+    student = tmp_path / "s" / "round_1"
+    out = r.invoke(app, ["sample", "--model", str(student), "--n", "8", "--out", str(tmp_path / "x.npy")])
+    assert out.exit_code == 0 and "1 steps (1 NFE per sample)" in out.output
+    bad = r.invoke(app, ["distill", "--teacher", str(tmp_path / "t"), "--out", str(tmp_path / "s2"),
+                         "--method", "nope"])
+    assert bad.exit_code == 2 and "unknown method" in bad.output

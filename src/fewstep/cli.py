@@ -201,6 +201,10 @@ from fewstep.cli_eval import register as _register_eval  # noqa: E402
 _register_eval(app, _friendly, out_console, _parse_timesteps,
                {"steps": STEPS_HELP, "spacing": SPACING_HELP, "timesteps": TIMESTEP_HELP})
 
+from fewstep.cli_distill import register as _register_distill  # noqa: E402
+
+_register_distill(app, _friendly, out_console)
+
 
 def main() -> None:
     app()

@@ -111,6 +111,10 @@ class NoiseSchedule:
 
     sigmas: torch.Tensor  # float64, shape (T,)
 
+    def __post_init__(self) -> None:
+        # log sigma is what both directions interpolate; computed once, not on every network call
+        object.__setattr__(self, "_log_sigmas", self.sigmas.to(torch.float64).log())
+
     @staticmethod
     def from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> NoiseSchedule:
         # A zero-terminal-SNR schedule has abar_{T-1} = 0; keep it finite as diffusers' Euler does.
@@ -143,14 +147,14 @@ class NoiseSchedule:
     def sigma(self, t: torch.Tensor | float | list[float]) -> torch.Tensor:
         """VE sigma at (fractional) timesteps ``t`` in ``[0, T-1]``."""
         t = torch.as_tensor(t, dtype=torch.float64)
-        log_s = self.sigmas.log()
+        log_s = self._log_sigmas
         lo = t.floor().clamp(0, self.num_train_timesteps - 2).long()
         w = t - lo
         return (log_s[lo] * (1 - w) + log_s[lo + 1] * w).exp()
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`sigma`: fractional timestep of each noise level, clamped to ``[0, T-1]``."""
-        log_s = self.sigmas.log().to(sigma.device)
+        log_s = self._log_sigmas.to(sigma.device)
         ls = sigma.to(torch.float64).clamp(min=1e-20).log()
         hi = torch.searchsorted(log_s, ls.contiguous()).clamp(1, self.num_train_timesteps - 1)
         lo = hi - 1

@@ -33,3 +33,33 @@ def digits_teacher(tmp_path_factory):
     result = train(method, (ds.x, ds.y), TrainConfig(steps=800, lr=2e-3, warmup=20, ckpt_every=400, log_every=20,
                                                      ema_decay=0.995, progress=False), out)
     return out, result
+
+
+def _gmm_teacher(root, conditional: bool):
+    from fewstep.data.datasets import load_dataset
+    from fewstep.models.backbones import preset_backbone
+    from fewstep.training.loop import TrainConfig, train
+    from fewstep.training.teacher import TeacherMethod, TeacherSpec
+
+    ds = load_dataset("gmm", "train")
+    k = ds.num_classes if conditional else 0
+    kind, cfg = preset_backbone("mlp", ds.sample_shape, k)
+    torch.manual_seed(0)
+    method = TeacherMethod(TeacherSpec(backbone=kind, backbone_config=cfg, sample_shape=ds.sample_shape, data="gmm",
+                                       num_classes=k))
+    train(method, (ds.x, ds.y if conditional else None),
+          TrainConfig(steps=1000, batch=256, lr=2e-3, warmup=20, ckpt_every=10**6, ema_decay=0.99, progress=False),
+          root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def gmm_teacher(tmp_path_factory):
+    """An unconditional DDPM (eps) MLP teacher on the 2-D Gaussian mixture (1,000 steps, ~15 s), shared by tests."""
+    return _gmm_teacher(tmp_path_factory.mktemp("gmm") / "teacher", conditional=False)
+
+
+@pytest.fixture(scope="session")
+def gmm_cond_teacher(tmp_path_factory):
+    """The same, class-conditional (8 components as classes, null class for guidance)."""
+    return _gmm_teacher(tmp_path_factory.mktemp("gmm") / "cond-teacher", conditional=True)

@@ -60,7 +60,7 @@ def _parse_timesteps(text: str | None) -> list[float] | None:
 def train(
     data: Annotated[str, typer.Option(help="Dataset: digits, mnist, fashion, gmm, moons, swissroll, checkerboard.")],
     out: Annotated[Path, typer.Option(help="Run folder: becomes a model folder (plus checkpoints/, metrics.jsonl).")],
-    preset: Annotated[str | None, typer.Option(help="Network preset: tiny8, small28, base32, test8, mlp, "
+    preset: Annotated[str | None, typer.Option(help="Network preset: tiny8, tiny28, small28, base32, test8, mlp, "
                                                   "mlp-small (default: by data shape).")] = None,
     objective: Annotated[str, typer.Option(help="ddpm, edm or flow.")] = "ddpm",
     prediction: Annotated[str | None, typer.Option(help="ddpm only: eps (default), v or x0.")] = None,
@@ -123,7 +123,7 @@ def train(
 def sample(
     model: Annotated[Path, typer.Option(help="A fewstep model folder, a diffusers pipeline or a UNet folder.")],
     out: Annotated[Path, typer.Option(help=".npy: raw array (N, C, H, W) in the data range; .png: a grid.")],
-    sampler: Annotated[str | None, typer.Option(help="ddpm, ddim, euler, heun or dpmpp-2m (default: the "
+    sampler: Annotated[str | None, typer.Option(help="ddpm, ddim, euler, heun, dpmpp-2m or consistency (default: the "
                                                    "model's recorded sampler).")] = None,
     steps: Annotated[int | None, typer.Option(help=STEPS_HELP)] = None,
     spacing: Annotated[str | None, typer.Option(help=SPACING_HELP)] = None,

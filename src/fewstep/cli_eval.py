@@ -25,8 +25,8 @@ def register(app: typer.Typer, friendly, out_console, parse_timesteps, help_text
     @friendly
     def evaluate(
         model: Annotated[Path, typer.Option(help="A model folder (fewstep or diffusers).")],
-        sampler: Annotated[str | None, typer.Option(help="ddpm, ddim, euler, heun or dpmpp-2m (default: the "
-                                                       "model's recorded sampler).")] = None,
+        sampler: Annotated[str | None, typer.Option(help="ddpm, ddim, euler, heun, dpmpp-2m or "
+                                                       "consistency (default: the model's recorded sampler).")] = None,
         data: Annotated[str | None, typer.Option(help="Reference dataset (default: the one the model records; "
                                                     "required for diffusers folders).")] = None,
         steps: Annotated[int | None, typer.Option(help=help_texts["steps"])] = None,

@@ -13,6 +13,7 @@ import torch
 
 from fewstep.diffusion.schedules import spaced_timesteps
 from fewstep.errors import FewstepError
+from fewstep.models.denoiser import Cond
 from fewstep.models.folder import LoadedModel
 from fewstep.samplers import SAMPLERS, IndexedNoise, NFECounter, SamplerOptions, guide
 
@@ -84,14 +85,20 @@ def generate(model: LoadedModel, sampler: str, timesteps: list[float], n: int, s
     shape = model.sample_shape
     if latents is not None and tuple(latents.shape) != (n, *shape):
         raise FewstepError(f"--latents has shape {tuple(latents.shape)}, expected {(n, *shape)} (n={n})")
-    if guidance != 1.0 and model.config.null_class is None:
+    w_input = model.denoiser.takes_guidance
+    if w_input:
+        lo, hi = model.config.guidance_range or (guidance, guidance)
+        if not lo - 1e-9 <= guidance <= hi + 1e-9:
+            raise FewstepError(f"--guidance {guidance}: this student was distilled for guidance scales {lo}..{hi}")
+    elif guidance != 1.0 and model.config.null_class is None:
         raise FewstepError("--guidance needs a class-conditional model trained with a null class "
                            f"(this one has {model.config.num_classes} classes and none)")
     if eta != 0.0 and sampler != "ddim":
         raise FewstepError(f"--eta applies to the ddim sampler only, not {sampler}")
     sigmas = den.schedule.sampling_sigmas(timesteps)
     device = next(den.parameters()).device
-    counter = NFECounter(guide(den, guidance, model.config.null_class))
+    # a guidance-conditioned student takes w as an input: one evaluation per step, no unconditional pass
+    counter = NFECounter(den if w_input else guide(den, guidance, model.config.null_class))
     outs = []
     t0 = time.perf_counter()
     for lo in range(0, n, batch_size):
@@ -101,6 +108,8 @@ def generate(model: LoadedModel, sampler: str, timesteps: list[float], n: int, s
         opts = SamplerOptions(eta=eta, clip_x0=model.config.x0_clip(), ddpm_variance=model.config.ddpm_variance(),
                               step_noise=source.step if spec.stochastic else None)
         cond = labels[lo:hi].to(device) if labels is not None else None
+        if w_input:
+            cond = Cond(cond, torch.full((hi - lo,), float(guidance), device=device))
         outs.append(spec.fn(counter, noise.to(device), sigmas, cond, opts).cpu())
     wall = time.perf_counter() - t0
     batches = (n + batch_size - 1) // batch_size

@@ -163,12 +163,57 @@ def _edm_target(x0: Tensor, eps: Tensor, sigma: Tensor) -> Tensor:
     return (x0 - c_skip * (x0 + s * eps)) / c_out
 
 
+# --- consistency models: f(x, sigma_min) = x ----------------------------------------------------------------
+CM_SIGMA_MIN = 0.002  # Song et al. 2023 / Song & Dhariwal 2023 (EDM's noise range)
+
+
+def cm_coeffs(sigma: Tensor, sigma_min: float = CM_SIGMA_MIN, sigma_data: float = SIGMA_DATA) -> tuple[Tensor, Tensor]:
+    """Song et al. 2023, Appendix C: c_skip = sd^2 / ((s - s_min)^2 + sd^2), c_out = sd (s - s_min) / sqrt(sd^2 + s^2),
+    so f(x, sigma_min) = x exactly."""
+    sd2 = sigma_data**2
+    c_skip = sd2 / ((sigma - sigma_min) ** 2 + sd2)
+    c_out = sigma_data * (sigma - sigma_min) / torch.sqrt(sd2 + sigma**2)
+    return c_skip, c_out
+
+
+def _cm_predict(out: Tensor, x: Tensor, sigma: Tensor) -> Prediction:
+    # Consistency training's f = c_skip x + c_out F(c_in x, c_noise) (Song & Dhariwal 2023), EDM's c_in / c_noise.
+    s = bcast(sigma, x)
+    c_skip, c_out = cm_coeffs(s)
+    x0 = c_skip * x + c_out * out
+    return Prediction(x0=x0, eps=(x - x0) / s)
+
+
+def _cm_target(x0: Tensor, eps: Tensor, sigma: Tensor) -> Tensor:
+    # The F that makes f(x0 + sigma eps, sigma) = x0 (consistency training itself never regresses onto it).
+    s = bcast(sigma, x0)
+    c_skip, c_out = cm_coeffs(s)
+    return (x0 - c_skip * (x0 + s * eps)) / c_out
+
+
+def lcm_boundary(x: Tensor, x0: Tensor, sigma: Tensor, timestep: Tensor, sigma_data: float = SIGMA_DATA,
+                 timestep_scaling: float = 10.0) -> Prediction:
+    """Latent consistency models' boundary condition for a discrete VP teacher (Luo et al. 2023):
+    f(z_t, t) = c_skip(t) z_t + c_out(t) x0(z_t, t) with c_skip = sd^2 / ((10 t)^2 + sd^2), c_out = 10 t / sqrt((10
+    t)^2 + sd^2) and t the training timestep, so f = z_0 at t = 0 and f ~ x0 from t ~ 1 on.  Written for the VE
+    state (z_t = alpha x)."""
+    s = bcast(sigma, x)
+    u = bcast(timestep * timestep_scaling, x)
+    c_skip = sigma_data**2 / (u**2 + sigma_data**2)
+    c_out = u / torch.sqrt(u**2 + sigma_data**2)
+    alpha, _ = vp_alpha_sigma(s)
+    f = c_skip * alpha * x + c_out * x0
+    return Prediction(x0=f, eps=(x - f) / s)
+
+
 PARAMETERIZATIONS: dict[str, Parameterization] = {
     "eps": Parameterization("eps", _vp_inputs, _eps_predict, lambda x0, eps, sigma: eps),
     "v": Parameterization("v", _vp_inputs, _v_predict, _v_target),
     "x0": Parameterization("x0", _vp_inputs, _x0_predict, lambda x0, eps, sigma: x0),
     "flow": Parameterization("flow", _flow_inputs, _flow_predict, lambda x0, eps, sigma: eps - x0),
     "edm": Parameterization("edm", _edm_inputs, _edm_predict, _edm_target),
+    # consistency training's network (trained by the consistency loss; the target is for completeness)
+    "cm": Parameterization("cm", _edm_inputs, _cm_predict, _cm_target),
 }
 
 # diffusers' scheduler `prediction_type` -> ours

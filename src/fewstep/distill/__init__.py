@@ -1,5 +1,15 @@
-"""Distillation methods (issue 4, in progress): each module one method on the shared training loop.
+"""Distillation methods, one module each, all behind :mod:`fewstep.distill.base` (registry, options, stages).
 
-So far: progressive distillation (:mod:`fewstep.distill.progressive`), behind `fewstep distill --method
-progressive`.  Guided, consistency distillation/training and reflow are still to do.
+Importing this package registers every method: progressive (Salimans & Ho 2022), guided (Meng et al. 2023),
+consistency distillation (Song et al. 2023 / LCM), consistency training (Song & Dhariwal 2023) and rectified-flow
+reflow (Liu et al. 2022 / InstaFlow).
 """
+
+from importlib import import_module
+
+from fewstep.distill.base import METHODS, DistillContext, DistillOptions, DistillResult, distill, get_method
+
+for _module in ("progressive", "guided", "consistency", "ct", "reflow"):
+    import_module(f"fewstep.distill.{_module}")
+
+__all__ = ["METHODS", "DistillContext", "DistillOptions", "DistillResult", "distill", "get_method"]

@@ -12,12 +12,14 @@ are fractional timesteps, and the last step lands on sigma = 0.
 - Parameterization: the student predicts v (eps is useless at SNR ~ 0, where a 1-step student starts).  An
   eps teacher is first re-parameterized: round 0 trains the v student to reproduce the teacher's x0 at
   training noise levels (the "equivalent documented step" of issue 4).
+- Guidance: ``--guidance W`` distils the classifier-free-guided teacher at one scale (baked into round 0 or the
+  first round).  With a guidance range, every stage draws w ~ U[lo, hi] per example and the student takes w as
+  an input: that is guided distillation (:mod:`fewstep.distill.guided`), which reuses these stages.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,11 @@ import torch
 from torch import nn
 
 from fewstep.diffusion.param import Prediction, bcast
-from fewstep.models.denoiser import Denoiser
-from fewstep.models.folder import ModelConfig, SamplingDefaults, save_model
+from fewstep.distill.base import STUDENT, DistillContext, DistillMethod, register
+from fewstep.errors import FewstepError
+from fewstep.models.backbones import GuidanceEmbedded
+from fewstep.models.denoiser import Cond, Denoiser
+from fewstep.models.folder import ModelConfig, SamplingDefaults, load_model, save_model
 from fewstep.samplers.guidance import guide
 from fewstep.training.method import Batch, Phase
 
@@ -41,15 +46,35 @@ def _ddim(p: Prediction, x: torch.Tensor, s: torch.Tensor, s_next: torch.Tensor)
     return p.x0 + bcast(s_next / s, x) * (x - p.x0)
 
 
-class _Base:
-    """Shared plumbing: a frozen teacher denoiser, a trainable v-predicting student copied from it."""
+def guided_prediction(den: Denoiser, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor,
+                      w: torch.Tensor) -> Prediction:
+    """Classifier-free guidance with a scale per sample: x0_u + w (x0_c - x0_u), one doubled batch."""
+    null = torch.full_like(labels, den.null_class)
+    p = den(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels, null]))
+    (x0_c, x0_u), (eps_c, eps_u) = p.x0.chunk(2), p.eps.chunk(2)
+    wb = bcast(w, x)
+    return Prediction(x0=x0_u + wb * (x0_c - x0_u), eps=eps_u + wb * (eps_c - eps_u))
 
-    def __init__(self, teacher: Denoiser, config: ModelConfig, guidance: float = 1.0):
+
+class _Base:
+    """Shared plumbing: a frozen teacher denoiser and a trainable v-predicting student copied from it.
+
+    ``guidance``: one scale baked into the targets.  ``w_range``: a scale drawn per example from [lo, hi] and fed
+    to the student (and to the teacher when it already takes w); the student gets a guidance embedding."""
+
+    def __init__(self, teacher: Denoiser, config: ModelConfig, guidance: float = 1.0,
+                 w_range: tuple[float, float] | None = None):
         self.teacher = teacher.eval().requires_grad_(False)
         self.teacher_fn = guide(self.teacher, guidance if config.null_class is not None else None,
                                 config.null_class)
-        self.student = Denoiser(copy.deepcopy(teacher.net).requires_grad_(True), teacher.schedule, "v",
-                                teacher.num_classes, teacher.null_class)
+        self.w_range = tuple(w_range) if w_range else None
+        if self.w_range and not teacher.takes_guidance and teacher.null_class is None:
+            raise ValueError("a guidance range needs a class-conditional teacher with a null class")
+        net = copy.deepcopy(teacher.net)
+        if self.w_range and not teacher.takes_guidance:
+            net = GuidanceEmbedded.wrap(net)
+        self.student = Denoiser(net.requires_grad_(True), teacher.schedule, "v", teacher.num_classes,
+                                None if self.w_range else teacher.null_class)
         self.base_config = config
         self.guidance = guidance
 
@@ -64,6 +89,33 @@ class _Base:
 
     def _sigma(self, t: torch.Tensor) -> torch.Tensor:
         return self.teacher.schedule.sigma(t)
+
+    def _conds(self, y: torch.Tensor | None, n: int, gen: torch.Generator, device) -> tuple[Any, Any]:
+        """(teacher's cond, student's cond) for a batch: labels, plus w per example under a guidance range."""
+        if not self.w_range:
+            return y, y
+        lo, hi = self.w_range
+        w = lo + (hi - lo) * torch.rand(n, generator=gen, device=device)
+        return (Cond(y, w) if self.teacher.takes_guidance else (y, w)), Cond(y, w)
+
+    def _teach(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> Prediction:
+        if isinstance(cond, tuple):  # a CFG teacher at a per-example scale
+            return guided_prediction(self.teacher, x, sigma, *cond)
+        return self.teacher_fn(x, sigma, cond)
+
+    def _config(self, role: str) -> ModelConfig:
+        cfg = copy.deepcopy(self.base_config)
+        cfg.prediction, cfg.role = "v", role
+        if self.w_range:
+            cfg.backbone, cfg.backbone_config = self.student.net.kind, self.student.net.config
+            cfg.guidance_range, cfg.null_class = list(self.w_range), None
+            lo, hi = self.w_range
+            cfg.sampling.guidance = cfg.sampling.guidance if lo <= cfg.sampling.guidance <= hi else (lo + hi) / 2
+        elif self.guidance != 1.0 and cfg.null_class is not None:
+            cfg.null_class = None  # trained on guided outputs: no unconditional mode left
+            cfg.training["distilled_guidance"] = self.guidance
+            cfg.sampling.guidance = 1.0
+        return cfg
 
 
 class Reparameterize(_Base):
@@ -80,28 +132,26 @@ class Reparameterize(_Base):
             sigma = self._sigma(t).to(x0.device)
             eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
             x = x0 + bcast(sigma, x0) * eps
+            c_teacher, c_student = self._conds(y, x0.shape[0], gen, x0.device)
             with torch.no_grad():
-                target = self.teacher_fn(x, sigma, y).x0
+                target = self._teach(x, sigma, c_teacher).x0
             w = torch.clamp(1 / sigma**2, min=1.0).to(x0.dtype)
-            return w * (self.student(x, sigma, y).x0 - target).pow(2).flatten(1).mean(1)
+            return w * (self.student(x, sigma, c_student).x0 - target).pow(2).flatten(1).mean(1)
 
         return [Phase("reparam", self.student.net, loss)]
 
     def save_model(self, out: Path, net: nn.Module, training: dict[str, Any]) -> None:
-        cfg = copy.deepcopy(self.base_config)
-        cfg.prediction, cfg.role = "v", "teacher"
-        cfg.training = {**cfg.training, "reparameterized": "eps->v", **training}
-        if self.guidance != 1.0 and cfg.null_class is not None:
-            cfg.null_class = None  # trained on guided outputs: no unconditional mode left
-            cfg.training["distilled_guidance"] = self.guidance
+        cfg = self._config("teacher")
+        cfg.training = {**cfg.training, "reparameterized": f"{self.base_config.prediction}->v", **training}
         save_model(out, cfg, net)
 
 
 class ProgressiveRound(_Base):
     """One round: an N-step student matches two DDIM steps of the (2N-step) teacher."""
 
-    def __init__(self, teacher: Denoiser, config: ModelConfig, n: int, guidance: float = 1.0):
-        super().__init__(teacher, config, guidance)
+    def __init__(self, teacher: Denoiser, config: ModelConfig, n: int, guidance: float = 1.0,
+                 w_range: tuple[float, float] | None = None):
+        super().__init__(teacher, config, guidance, w_range)
         self.n = n
         self.name = f"progressive-{n}"
 
@@ -117,59 +167,55 @@ class ProgressiveRound(_Base):
             s_next = torch.where(i > 1, self._sigma(((i - 1) * dt).clamp(min=0)).to(x0.device), torch.zeros_like(s))
             eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
             x = x0 + bcast(s, x0) * eps
+            c_teacher, c_student = self._conds(y, x0.shape[0], gen, x0.device)
             with torch.no_grad():
-                x_mid = _ddim(self.teacher_fn(x, s, y), x, s, s_mid)
-                x_next = _ddim(self.teacher_fn(x_mid, s_mid, y), x_mid, s_mid, s_next)
+                x_mid = _ddim(self._teach(x, s, c_teacher), x, s, s_mid)
+                x_next = _ddim(self._teach(x_mid, s_mid, c_teacher), x_mid, s_mid, s_next)
                 ratio = bcast(s_next / s, x0)
                 target = (x_next - ratio * x) / (1 - ratio)  # Algorithm 2: the x0 one DDIM step would need
             w = torch.clamp(1 / s**2, min=1.0).to(x0.dtype)
-            return w * (self.student(x, s, y).x0 - target).pow(2).flatten(1).mean(1)
+            return w * (self.student(x, s, c_student).x0 - target).pow(2).flatten(1).mean(1)
 
         return [Phase("distill", self.student.net, loss)]
 
     def save_model(self, out: Path, net: nn.Module, training: dict[str, Any]) -> None:
-        cfg = copy.deepcopy(self.base_config)
+        cfg = self._config("student")
         T = self.teacher.schedule.num_train_timesteps
-        cfg.prediction, cfg.role = "v", "student"
-        guided = self.guidance != 1.0 and cfg.null_class is not None
-        # the guided teacher was distilled into a plain conditional student: sampled without guidance
         cfg.sampling = SamplingDefaults(sampler="ddim", steps=self.n, timesteps=student_timesteps(T, self.n),
-                                        guidance=1.0)
-        cfg.training = {**cfg.training, "method": "progressive", "student_steps": self.n,
-                        "distilled_guidance": self.guidance if guided else None, **training}
-        if guided:
-            cfg.null_class = None  # the student bakes the guidance in; it has no unconditional mode
+                                        guidance=cfg.sampling.guidance)
+        cfg.training = {**cfg.training, "student_steps": self.n, **training}
         save_model(out, cfg, net)
 
 
-def progressive_distill(teacher_folder: Path, data: tuple[torch.Tensor, torch.Tensor | None], out: Path,
-                        start_steps: int = 8, end_steps: int = 1, iters: int = 500, reparam_iters: int = 300,
-                        guidance: float = 1.0, train: Callable[..., Any] | None = None,
-                        train_config: Any = None) -> Path:
-    """Run round 0 (eps -> v) if needed, then rounds N = start_steps, start_steps/2, ..., end_steps.
-    Each round is a run of the shared loop in ``out/round_<N>``; the final student is ``out/round_<end>``."""
-    import dataclasses
+def progressive_stages(ctx: DistillContext, w_range: tuple[float, float] | None = None) -> Path:
+    """Round 0 (to v, and to a guidance input under ``w_range``) when needed, then rounds N = start_steps, ...,
+    steps; the last round is ``ctx.out / STUDENT``, earlier ones ``round_<N>``."""
+    o = ctx.options
+    if o.steps < 1 or o.start_steps < o.steps or (o.start_steps & (o.start_steps - 1)) or (o.steps & (o.steps - 1)):
+        raise FewstepError("--steps and --start-steps must be powers of two with --start-steps >= --steps")
+    model, guidance = ctx.teacher, o.guidance
+    assert model is not None
+    if w_range and (model.config.null_class is None or not model.config.num_classes):
+        raise FewstepError("guided distillation needs a class-conditional teacher trained with a null class")
+    if model.config.prediction != "v" or w_range:
+        stage = Reparameterize(model.denoiser, model.config, guidance, w_range)
+        # the guidance is now baked in (or an input)
+        model, guidance = load_model(ctx.stage(stage, "round_reparam", o.reparam_iters)), 1.0
+    n = o.start_steps
+    while True:
+        name = STUDENT if n == o.steps else f"round_{n}"
+        folder = ctx.stage(ProgressiveRound(model.denoiser, model.config, n, guidance, w_range), name)
+        if n == o.steps:
+            return folder
+        model, guidance, n = load_model(folder), 1.0, n // 2
 
-    from fewstep.models.folder import load_model
-    from fewstep.training.loop import TrainConfig
-    from fewstep.training.loop import train as run
 
-    train = train or run
-    base = train_config or TrainConfig(progress=False)
-    out = Path(out)
-    folder = Path(teacher_folder)
-    model = load_model(folder)
-    if model.config.prediction != "v":
-        method = Reparameterize(model.denoiser, model.config, guidance)
-        train(method, data, dataclasses.replace(base, steps=reparam_iters), out / "round_reparam")
-        folder, guidance = out / "round_reparam", 1.0  # the guidance, if any, is now baked in
-        model = load_model(folder)
-    n = start_steps
-    while n >= end_steps:
-        method = ProgressiveRound(model.denoiser, model.config, n, guidance)
-        train(method, data, dataclasses.replace(base, steps=iters), out / f"round_{n}")
-        folder = out / f"round_{n}"
-        model = load_model(folder)
-        guidance = 1.0
-        n //= 2
-    return folder
+def _progressive(ctx: DistillContext) -> Path:
+    if ctx.options.guidance_range:
+        raise FewstepError("progressive distils one guidance scale (--guidance); for a range use --method guided")
+    return progressive_stages(ctx)
+
+
+register(DistillMethod(
+    "progressive", _progressive,
+    "Salimans & Ho 2022: rounds halve the DDIM steps (--start-steps -> --steps); v-prediction student."))

@@ -47,7 +47,7 @@ class Row:
     @property
     def label(self) -> str:
         if self.method == "student":
-            return f"student:{self.name}"
+            return f"student:{self.name}" + (f" x{self.steps}" if self.steps else "")
         sp = f" {self.spacing}" if self.spacing and self.method == "diffusers" else ""
         return f"{self.method}:{self.name} x{self.steps}{sp}"
 
@@ -106,6 +106,10 @@ def load_bench_config(path: Path, profile: str = "full") -> BenchConfig:
     for s in cfg.students:
         if not isinstance(s, dict) or "name" not in s or "model" not in s:
             raise FewstepError(f"bench config {path}: each student needs `name` and `model`, got {s!r}")
+        steps = s.get("steps")
+        if steps is not None and not (isinstance(steps, int) or (isinstance(steps, list) and steps
+                                                                 and all(isinstance(k, int) for k in steps))):
+            raise FewstepError(f"bench config {path}: student {s['name']!r}: `steps` is a number or a list of them")
         s["model"] = str(base / s["model"])
     ref = cfg.teacher_reference
     if ref and (not isinstance(ref, dict) or "sampler" not in ref or "steps" not in ref):
@@ -243,8 +247,10 @@ def plan_rows(cfg: BenchConfig) -> list[Row]:
     ref = cfg.teacher_reference
     if ref:
         rows.append(Row("teacher-best", ref["sampler"], int(ref["steps"])))
-    for s in cfg.students:
-        rows.append(Row("student", s["name"], model=s["model"]))
+    for s in cfg.students:  # `steps`: sample a student that can take several step counts (consistency, flow)
+        steps = s.get("steps")
+        for k in ([steps] if isinstance(steps, int) else steps or [None]):
+            rows.append(Row("student", s["name"], steps=k, model=s["model"]))
     return rows
 
 
@@ -256,8 +262,18 @@ def _sample_row(row: Row, teacher, cfg: BenchConfig, n: int, spacing: str | None
     if row.method == "student":
         m = load_model(row.model)
         d = m.config.sampling
-        return generate(m, d.sampler, resolve_timesteps(m), n, seed=cfg.seed, labels=class_labels(m, n, None),
-                        guidance=d.guidance if m.config.null_class is not None else 1.0)
+        if m.denoiser.takes_guidance:  # a guided-distilled student: the bench's scale, as one input
+            w = cfg.guidance
+        else:
+            w = d.guidance if m.config.null_class is not None else 1.0
+        # distilled for its recorded timesteps (progressive, guided); a consistency model samples at any steps
+        fixed = d.timesteps is not None and (row.steps in (None, len(d.timesteps)) or d.sampler != "consistency")
+        if fixed and row.steps not in (None, len(d.timesteps)):
+            raise FewstepError(f"student {row.name!r} was distilled for {len(d.timesteps)} steps, the bench asks "
+                               f"for {row.steps}: list each round's folder instead")
+        timesteps = resolve_timesteps(m) if fixed else resolve_timesteps(m, steps=row.steps)
+        return generate(m, d.sampler, timesteps, n, seed=cfg.seed,
+                        labels=class_labels(m, n, None), guidance=w)
     labels = class_labels(teacher, n, None)
     guidance = cfg.guidance if teacher.config.null_class is not None else 1.0
     if row.method == "diffusers":
@@ -284,6 +300,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
                                       ).hexdigest()[:16]
     results: list[dict[str, Any]] = []
     rows = plan_rows(cfg)
+    for row in [r for r in rows if r.model and not (Path(r.model) / "config.json").is_file()]:
+        log(f"{row.label}: no model folder at {row.model} yet (distil it first, e.g. benchmarks/students.sh): "
+            "skipped in this run")
+    rows = [r for r in rows if not r.model or (Path(r.model) / "config.json").is_file()]
     for i, row in enumerate(rows):
         model_hash = _file_hash(_weights_file(Path(row.model))) if row.model else teacher_hash
         key_obj = {"v": METRICS_VERSION, "fewstep": fewstep.__version__, "teacher": teacher_hash,
@@ -304,7 +324,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
                 spacing = min(scores, key=scores.get)
             res = _sample_row(row, teacher, cfg, n, spacing)
             ev = evaluate_samples(cfg.data, row.label, res, cfg.seed).to_json()
-            ev.update(method=row.method, name=row.name, spacing=spacing, grid=f"grids/{key}.png",
+            trained = (load_model(row.model).config.training.get("distill_wall_seconds") if row.model
+                       else teacher.config.training.get("wall_seconds"))
+            ev.update(method=row.method, name=row.name, spacing=spacing, grid=f"grids/{key}.png", train_seconds=trained,
                       label=row.label.replace(" best", f" {spacing}"))
             write_samples(out / "grids" / f"{key}.png", res.x[:100], nrow=10 if res.x.ndim == 4 else None)
             db.add(run_id, key, row, ev)

@@ -13,10 +13,11 @@ from fewstep.io import write_text
 
 
 def _series(results: list[dict[str, Any]], metric: str) -> dict[str, list[tuple[float, float, float]]]:
-    """method line -> [(nfe, wall_seconds_per_sample, metric)] sorted by NFE; students and references apart."""
+    """method line -> [(nfe, wall_seconds_per_sample, metric)] sorted by NFE (a student's step counts make one
+    line); the teacher reference apart."""
     lines: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     for r in results:
-        if r.get(metric) is None or r["method"] not in ("fewstep", "diffusers"):
+        if r.get(metric) is None or r["method"] not in ("fewstep", "diffusers", "student"):
             continue
         lines[f"{r['method']}:{r['name']}"].append((r["nfe"], r["wall_seconds"] / r["n"], r[metric]))
     return {k: sorted(v) for k, v in lines.items()}
@@ -31,13 +32,14 @@ def plot(results: list[dict[str, Any]], metric: str, x: str) -> bytes:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     for name, pts in _series(results, metric).items():
         xs = [p[0] if x == "nfe" else p[1] * 1000 for p in pts]
-        ax.plot(xs, [p[2] for p in pts], marker="o", ms=4, lw=1.5,
-                ls="--" if name.startswith("diffusers") else "-", label=name)
+        student = name.startswith("student")
+        ax.plot(xs, [p[2] for p in pts], marker="*" if student else "o", ms=9 if student else 4,
+                lw=2 if student else 1.5, ls="--" if name.startswith("diffusers") else "-", label=name,
+                zorder=4 if student else 2)
     for r in results:
-        if r["method"] in ("student", "teacher-best") and r.get(metric) is not None:
+        if r["method"] == "teacher-best" and r.get(metric) is not None:
             xv = r["nfe"] if x == "nfe" else r["wall_seconds"] / r["n"] * 1000
-            ax.scatter([xv], [r[metric]], marker="*" if r["method"] == "student" else "D", s=90, zorder=5,
-                       label=r["label"])
+            ax.scatter([xv], [r[metric]], marker="D", s=60, zorder=5, label=r["label"])
     floor = next((r["floor"].get(metric) for r in results if r.get("floor", {}).get(metric) is not None), None)
     if floor is not None:
         ax.axhline(floor, color="gray", ls=":", lw=1, label="floor (train vs test)")
@@ -76,9 +78,9 @@ def write_report(out: Path, name: str, results: list[dict[str, Any]], teacher: d
         (out / fname).write_bytes(data)
     floor = next((r["floor"] for r in results if r.get("floor")), {})
     cols = ["label", "nfe", metric, f"{metric} 90% CI" if metric == "fd" else None, "kid" if metric == "fd" else "mmd",
-            "precision", "recall", "accuracy", "loglik", "ms/sample", "samples/s", f"{metric} / floor"]
+            "precision", "recall", "accuracy", "loglik", "ms/sample", "samples/s", f"{metric} / floor", "train s"]
     cols = [c for c in cols if c]
-    have = {c for c in cols if any(r.get(c) is not None for r in results)}
+    have = {c for c in cols if any(r.get(c.replace("train s", "train_seconds")) is not None for r in results)}
     cols = [c for c in cols if c in have or c in ("label", "nfe", metric, "ms/sample", "samples/s", f"{metric} / floor",
                                                   f"{metric} 90% CI")]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "<th>samples</th>"
@@ -92,6 +94,7 @@ def write_report(out: Path, name: str, results: list[dict[str, Any]], teacher: d
             "accuracy": _num(r.get("accuracy"), 3), "loglik": _num(r.get("loglik"), 4),
             "ms/sample": _num(1000 * r["wall_seconds"] / r["n"], 3), "samples/s": _num(r["samples_per_s"], 4),
             f"{metric} / floor": _num(r[metric] / floor[metric]) if r.get(metric) and floor.get(metric) else "–",
+            "train s": _num(r.get("train_seconds"), 4),  # teacher training, or the student's whole distillation
         }
         grid = out / r["grid"]
         img = _img(grid.read_bytes(), r["label"], "grid") if grid.is_file() else "–"

@@ -25,7 +25,14 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
         down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=16, attention_head_dim=32,
     ),
-    # 28x28 (mnist, fashion): three levels 28 -> 14 -> 7 (a fourth would need 3.5).
+    # ~1.1 M parameters; 28x28 (mnist, fashion): tiny8's widths at 28 -> 14 -> 7; ~0.8 s/step at batch 64 on
+    # one CPU thread, 1.6x faster than small28 (the CPU benchmark teacher).
+    "tiny28": dict(
+        sample_size=28, block_out_channels=(32, 64, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=16, attention_head_dim=32,
+    ),
+    # ~2.7 M parameters; 28x28 (mnist, fashion): three levels 28 -> 14 -> 7 (a fourth would need 3.5).
     "small28": dict(
         sample_size=28, block_out_channels=(32, 64, 128), layers_per_block=1,
         down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
@@ -124,7 +131,69 @@ class MLPBackbone(nn.Module):
         return self.out(h)
 
 
-BACKBONES: dict[str, type[nn.Module]] = {"unet2d": UNetBackbone, "mlp": MLPBackbone}
+class GuidanceEmbedded(nn.Module):
+    """A backbone that also takes the guidance scale w as an input (Meng et al. 2023, sec. 4.1: w is embedded
+    like the time and added to the time embedding).  The embedding's last layer starts at zero, so a copy of a
+    teacher starts out as that teacher, whatever w."""
+
+    kind = "guidance-embedded"
+    takes_guidance = True
+
+    def __init__(self, inner: str, inner_config: dict[str, Any], w_scale: float = 100.0):
+        super().__init__()
+        self._config = dict(inner=inner, inner_config=dict(inner_config), w_scale=w_scale)
+        self.inner = build_backbone(inner, inner_config)
+        temb = self.inner.unet.time_embedding if isinstance(self.inner, UNetBackbone) else self.inner.temb
+        dim = [m for m in temb.modules() if isinstance(m, nn.Linear)][-1].out_features
+        self.freq_dim = min(dim, 128)
+        self.wemb = nn.Sequential(nn.Linear(self.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        with torch.no_grad():  # a fixed init (not the global RNG), so a distillation run is reproducible
+            gen = torch.Generator().manual_seed(0)
+            bound = 1 / math.sqrt(self.freq_dim)
+            self.wemb[0].weight.copy_(torch.rand(self.wemb[0].weight.shape, generator=gen) * 2 * bound - bound)
+            self.wemb[0].bias.copy_(torch.rand(self.wemb[0].bias.shape, generator=gen) * 2 * bound - bound)
+        nn.init.zeros_(self.wemb[2].weight)
+        nn.init.zeros_(self.wemb[2].bias)
+        self._w: torch.Tensor | None = None
+        temb.register_forward_hook(self._add_w)
+
+    def _add_w(self, module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        if self._w is None:
+            raise RuntimeError("GuidanceEmbedded called without w")
+        return out + self.wemb(_time_embedding(self._w * self._config["w_scale"], self.freq_dim)).to(out.dtype)
+
+    @staticmethod
+    def from_config(config: dict[str, Any]) -> GuidanceEmbedded:
+        return GuidanceEmbedded(**config)
+
+    @staticmethod
+    def wrap(inner: nn.Module) -> GuidanceEmbedded:
+        """A guidance-embedded copy of ``inner`` (its weights copied, w's embedding zero)."""
+        g = GuidanceEmbedded(inner.kind, inner.config)
+        g.inner.load_state_dict(inner.state_dict())
+        return g
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self._config)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.inner.sample_shape
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None,
+                w: torch.Tensor | None = None) -> torch.Tensor:
+        if w is None:
+            raise ValueError("this network takes the guidance scale: pass w")
+        self._w = torch.as_tensor(w, device=x.device, dtype=torch.float32).expand(x.shape[0])
+        try:
+            return self.inner(x, t, class_labels)
+        finally:
+            self._w = None
+
+
+BACKBONES: dict[str, type[nn.Module]] = {"unet2d": UNetBackbone, "mlp": MLPBackbone,
+                                         "guidance-embedded": GuidanceEmbedded}
 
 
 def build_backbone(kind: str, config: dict[str, Any]) -> nn.Module:

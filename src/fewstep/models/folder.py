@@ -59,6 +59,8 @@ class ModelConfig:
     null_class: int | None = None  # the label that means "no class" (classifier-free guidance)
     data: str | None = None
     role: str = "teacher"
+    boundary: str | None = None  # "lcm": consistency-model boundary condition applied to the prediction
+    guidance_range: list[float] | None = None  # the network takes the guidance scale as an input (trained range)
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     training: dict[str, Any] = field(default_factory=dict)  # objective, steps, wall time, method, ...
 
@@ -131,7 +133,8 @@ class LoadedModel:
 
 def build_denoiser(config: ModelConfig, net: nn.Module | None = None) -> Denoiser:
     net = net if net is not None else build_backbone(config.backbone, config.backbone_config)
-    return Denoiser(net, config.noise_schedule(), config.prediction, config.num_classes, config.null_class)
+    return Denoiser(net, config.noise_schedule(), config.prediction, config.num_classes, config.null_class,
+                    config.boundary)
 
 
 def model_card(config: ModelConfig, extra: str = "") -> str:
@@ -241,7 +244,7 @@ def export_diffusers(model: LoadedModel, out: Path) -> str:
 
     cfg = model.config
     out = Path(out)
-    if cfg.backbone != "unet2d":
+    if cfg.backbone != "unet2d" or cfg.boundary or cfg.guidance_range:
         raise FewstepError(f"diffusers has no pipeline for a {cfg.backbone} network: only UNet2DModel models export")
     process = cfg.vp_process()
     if process is None or cfg.prediction not in ("eps", "v", "x0"):

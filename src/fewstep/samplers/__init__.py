@@ -6,6 +6,7 @@ from fewstep.samplers.solvers import (
     SAMPLERS,
     SamplerOptions,
     SamplerSpec,
+    sample_consistency,
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
@@ -15,5 +16,5 @@ from fewstep.samplers.solvers import (
 
 __all__ = [
     "SAMPLERS", "Guided", "IndexedNoise", "NFECounter", "SamplerOptions", "SamplerSpec", "guide",
-    "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_euler", "sample_heun",
+    "sample_consistency", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_euler", "sample_heun",
 ]

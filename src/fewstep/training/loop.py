@@ -191,18 +191,22 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
         ckpts.commit(step)
         method.save_model(out, ema.module, {"method": method.name, "steps": step,
                                             "wall_seconds": round(elapsed + time.perf_counter() - t0, 1),
-                                            "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed})
+                                            "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
+                                            "ema_decay": cfg.ema_decay})
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
                         disable=not (cfg.progress and acc.is_main_process))
+    before_step = getattr(method, "before_step", None)  # optional: methods with a step-dependent loss (curricula)
     t0 = time.perf_counter()
     t_log, step_log = t0, step
     with progress:
         task = progress.add_task(method.name, total=cfg.steps, completed=step, info="")
         while step < cfg.steps:
+            if before_step is not None:
+                before_step(step)
             idx = batch_indices(step, n, cfg.batch, cfg.seed)[rank::world]
             xb = x_all[idx].to(device, non_blocking=True)
             yb = y_all[idx].to(device) if y_all is not None else None

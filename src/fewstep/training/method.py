@@ -49,7 +49,10 @@ class Method(Protocol):
         ...
 
     def after_step(self, step: int) -> None:
-        """Hook after each optimizer step (e.g. update a target network). May do nothing."""
+        """Hook after each optimizer step (e.g. update a target network). May do nothing.
+
+        A method may also define ``before_step(step)``: the loop calls it before each step (also after a resume),
+        for losses that depend on the step, e.g. a discretization curriculum."""
         ...
 
     def save_model(self, out: Path, net: nn.Module, training: dict[str, Any]) -> None:

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Distil the benchmark's students from a cached teacher (issue 4):  benchmarks/students.sh digits|mnist [METHOD ...]
+# Each student goes to benchmarks/cache/students/<data>-<method>/student (earlier stages beside it); a second run
+# resumes an interrupted distillation or skips a finished one.  The bench configs list these folders.
+set -euo pipefail
+cd "$(dirname "$0")"
+FS=${FS:-../.venv/bin/python -m fewstep}
+DATA=${1:?usage: students.sh digits|mnist [METHOD ...]}
+shift
+TEACHER=cache/$DATA-teacher
+[ "$DATA" = mnist ] && TEACHER=cache/mnist-teacher-tiny28
+[ -f "$TEACHER/config.json" ] || { echo "no teacher in $TEACHER: run fewstep bench $DATA.yaml first"; exit 2; }
+METHODS=("$@")
+[ ${#METHODS[@]} -gt 0 ] || METHODS=(progressive guided consistency reflow ct)
+
+distill() {  # distill METHOD ARGS...
+  local out=cache/students/$DATA-$1 resume=()
+  [ -d "$out" ] && resume=(--resume)
+  echo "== $DATA $1 -> $out"
+  $FS distill --method "$1" --out "$out" "${@:2}" "${resume[@]}"
+}
+
+for m in "${METHODS[@]}"; do
+  case $m in
+    # the bench samples the teacher at guidance 2: students bake that scale in (guided: takes it as an input)
+    progressive) distill progressive --teacher "$TEACHER" --guidance 2 --start-steps 16 --steps 1 --iters 400 --lr 5e-4 ;;
+    guided) distill guided --teacher "$TEACHER" --guidance-range 1,3 --start-steps 16 --steps 1 --iters 400 --lr 5e-4 ;;
+    consistency) distill consistency --teacher "$TEACHER" --guidance 2 --steps 1 --reparam-iters 400 --iters 2000 \
+                   --teacher-steps 50 --lr 5e-4 ;;
+    reflow) distill reflow --teacher "$TEACHER" --guidance 2 --steps 1 --pairs 4000 --teacher-steps 20 --iters 1500 \
+              --lr 5e-4 ;;
+    ct) distill ct --data "$DATA" --steps 1 --iters 3000 --lr 5e-4 ;;
+    *) echo "unknown method $m"; exit 2 ;;
+  esac
+done

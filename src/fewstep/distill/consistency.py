@@ -1,0 +1,103 @@
+"""Consistency distillation (Song et al. 2023, "Consistency Models", Algorithm 2) in the discrete-time form of
+latent consistency models (Luo et al. 2023, "Latent Consistency Models"), for a discrete VP teacher.
+
+- Grid: the skipping-step DDIM grid of the teacher, t_n = (T-1) n / N, n = 0..N (N = ``--teacher-steps``,
+  skip k = (T-1)/N timesteps); t_0 = 0 is the boundary (VE sigma_min ~ 0.01 for a linear 1000-step teacher, not
+  EDM's 0.002).
+- Consistency function: f(z_t, t) = c_skip(t) z_t + c_out(t) x0_theta(z_t, t) with LCM's c_skip = sd^2 / ((10 t)^2
+  + sd^2), c_out = 10 t / sqrt((10 t)^2 + sd^2), so f is the identity at t = 0 (the student's ``boundary="lcm"``).
+- Step: n ~ U{1..N}, x_n = x0 + sigma_n eps; one deterministic DDIM step of the teacher (guided at ``--guidance``,
+  or at w ~ U[lo, hi] per example with ``--guidance-range``, LCM's w-conditioned student) from t_n to t_{n-1};
+  loss d(f_theta(x_n, t_n), f_theta-(x^_{n-1}, t_{n-1})), d = pseudo-Huber (c = 0.00054 sqrt(dim)) or L2, theta-
+  an EMA of theta with decay ``--ema-target`` (paper: 0.95).  The loop keeps a separate evaluation EMA of theta;
+  that is what the student folder exports.
+- Parameterization: the student predicts v.  An eps teacher is first re-parameterized to v (the progressive
+  module's round 0), because an eps network's x0 at the top of a 1000-step linear schedule (alpha ~ 0.006) is
+  ~150x amplified noise: exactly where a 1-step consistency model is evaluated.  The re-parameterized network is
+  both the ODE teacher and the student's initialization.
+- Sampling: multistep consistency sampling (``consistency`` sampler) at any number of steps; the student records
+  ``--steps`` as its default, with trailing timesteps (1 step: t = T-1; 2 steps: T-1, T/2 - 1; ...).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fewstep.diffusion.param import bcast
+from fewstep.distill.base import STUDENT, DistillContext, DistillMethod, distance, register
+from fewstep.distill.progressive import Reparameterize, _Base, _ddim
+from fewstep.models.denoiser import Denoiser
+from fewstep.models.folder import ModelConfig, SamplingDefaults, load_model, save_model
+from fewstep.training.method import Batch, Phase
+
+
+class ConsistencyDistill(_Base):
+    """The consistency-distillation stage: a student with the LCM boundary and its EMA target network."""
+
+    name = "consistency"
+
+    def __init__(self, teacher: Denoiser, config: ModelConfig, steps: int, grid: int = 50, loss: str = "huber",
+                 mu: float = 0.95, guidance: float = 1.0, w_range: tuple[float, float] | None = None):
+        super().__init__(teacher, config, guidance, w_range)
+        self.student.boundary = "lcm"
+        self.target = Denoiser(copy.deepcopy(self.student.net).requires_grad_(False), teacher.schedule, "v",
+                               self.student.num_classes, self.student.null_class, "lcm")
+        self.steps, self.grid, self.mu = steps, grid, mu
+        self.dist = distance(loss)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"student": self.student.net, "target": self.target.net}
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:  # theta- <- mu theta- + (1 - mu) theta
+        torch._foreach_lerp_(list(self.target.net.parameters()), list(self.student.net.parameters()), 1 - self.mu)
+
+    def phases(self) -> list[Phase]:
+        T = self.teacher.schedule.num_train_timesteps
+        dt = (T - 1) / self.grid
+
+        def loss(batch: Batch, gen: torch.Generator) -> torch.Tensor:
+            x0, y = batch
+            n = torch.randint(1, self.grid + 1, (x0.shape[0],), generator=gen, device=x0.device).to(torch.float64)
+            s = self._sigma(n * dt).to(x0.device)
+            s_prev = self._sigma((n - 1) * dt).to(x0.device)
+            eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+            x = x0 + bcast(s, x0) * eps
+            c_teacher, c_student = self._conds(y, x0.shape[0], gen, x0.device)
+            with torch.no_grad():
+                x_prev = _ddim(self._teach(x, s, c_teacher), x, s, s_prev)  # one skipping-step ODE step
+                target = self.target(x_prev, s_prev, c_student).x0
+            return self.dist(self.student(x, s, c_student).x0, target)
+
+        return [Phase("consistency", self.student.net, loss)]
+
+    def save_model(self, out: Path, net: nn.Module, training: dict[str, Any]) -> None:
+        cfg = self._config("student")
+        cfg.boundary = "lcm"
+        cfg.sampling = SamplingDefaults(sampler="consistency", steps=self.steps, spacing="trailing",
+                                        guidance=cfg.sampling.guidance)
+        cfg.training = {**cfg.training, "grid_steps": self.grid, "target_ema": self.mu,
+                        "exported": "evaluation EMA of the student (not the target network)", **training}
+        save_model(out, cfg, net)
+
+
+def consistency_stages(ctx: DistillContext) -> Path:
+    o = ctx.options
+    model, guidance, w_range = ctx.teacher, o.guidance, o.guidance_range
+    assert model is not None
+    if model.config.prediction != "v" or w_range or (guidance != 1.0 and model.config.null_class is not None):
+        stage = Reparameterize(model.denoiser, model.config, guidance, w_range)
+        model, guidance = load_model(ctx.stage(stage, "round_reparam", o.reparam_iters)), 1.0
+    method = ConsistencyDistill(model.denoiser, model.config, o.steps, o.teacher_steps, o.loss, o.ema_target,
+                                guidance, w_range)
+    return ctx.stage(method, STUDENT)
+
+
+register(DistillMethod(
+    "consistency", consistency_stages,
+    "Song et al. 2023 / LCM: skipping-step DDIM teacher, EMA target, pseudo-Huber; multistep consistency sampling."))

@@ -133,3 +133,41 @@ def test_report_renders_in_headless_chromium(digits_teacher, tmp_path):
     assert rows == 6
     assert n_img == 2 + 6 and ok == n_img  # two plots and a grid per row, all decoded
     assert "fewstep:ddim x2" in dom
+
+
+def test_bench_student_rows(digits_teacher, tmp_path):
+    """Students: a fixed-timestep student at its steps, a consistency student at several, distillation time as
+    the row's training time, a missing folder skipped with a message, a wrong step count refused."""
+    from fewstep.data.datasets import load_dataset
+    from fewstep.distill import DistillContext, DistillOptions, distill
+    from fewstep.models.folder import load_model
+    from fewstep.training.loop import TrainConfig
+
+    model, _ = digits_teacher
+    ds = load_dataset("digits", "train")
+    tc = TrainConfig(batch=32, lr=1e-3, warmup=1, ckpt_every=10**6, log_every=5, progress=False)
+    for method, opts in (("progressive", DistillOptions(steps=1, start_steps=1, iters=5, guidance=2.0)),
+                         ("consistency", DistillOptions(steps=1, iters=5, teacher_steps=10, guidance=2.0))):
+        distill(method, DistillContext(load_model(model), model, (ds.x, ds.y), "digits", tmp_path / method, opts, tc))
+    cfg = _bench_config(tmp_path, model)
+    cfg.write_text(cfg.read_text().replace("samplers: [ddim, heun]", "samplers: [ddim]").replace(
+        "baselines: [DDIM]", "baselines: []") + f"""students:
+  - {{name: pd, model: {tmp_path / 'progressive' / 'student'}, steps: 1}}
+  - {{name: cd, model: {tmp_path / 'consistency' / 'student'}, steps: [1, 2]}}
+  - {{name: later, model: {tmp_path / 'missing'}}}
+""")
+    r = _run("bench", cfg)
+    assert r.exit_code == 0, r.output
+    assert "student:later" in r.output and "skipped" in r.output
+    db = sqlite3.connect(tmp_path / "out" / "results.sqlite")
+    results = {json.loads(j)["label"]: json.loads(j) for (j,) in db.execute("SELECT result FROM rows")}
+    assert {"student:pd x1", "student:cd x1", "student:cd x2"} <= set(results)
+    assert results["student:pd x1"]["nfe"] == 1 and results["student:cd x2"]["nfe"] == 2  # guidance baked in
+    cd = load_model(tmp_path / "consistency" / "student")
+    assert results["student:cd x1"]["train_seconds"] == cd.config.training["distill_wall_seconds"] > 0
+    assert results["fewstep:ddim x1"]["train_seconds"] == load_model(model).config.training["wall_seconds"]
+    assert "train s" in (tmp_path / "out" / "report.html").read_text()
+    cfg.write_text(cfg.read_text().replace("model: " + str(tmp_path / "progressive" / "student") + ", steps: 1",
+                                           "model: " + str(tmp_path / "progressive" / "student") + ", steps: 2"))
+    bad = _run("bench", cfg)
+    assert bad.exit_code == 2 and "distilled for 1 steps" in bad.output

@@ -244,7 +244,10 @@ def export_diffusers(model: LoadedModel, out: Path) -> str:
 
     cfg = model.config
     out = Path(out)
-    if cfg.backbone != "unet2d" or cfg.boundary or cfg.guidance_range:
+    if cfg.boundary or cfg.guidance_range:
+        raise FewstepError("this student is a consistency model or takes the guidance scale as an input: no diffusers "
+                           "pipeline samples it correctly, so fewstep does not export it (use the fewstep folder)")
+    if cfg.backbone != "unet2d":
         raise FewstepError(f"diffusers has no pipeline for a {cfg.backbone} network: only UNet2DModel models export")
     process = cfg.vp_process()
     if process is None or cfg.prediction not in ("eps", "v", "x0"):

@@ -29,7 +29,8 @@ for m in "${METHODS[@]}"; do
                    --teacher-steps 50 --lr 5e-4 ;;
     reflow) distill reflow --teacher "$TEACHER" --guidance 2 --steps 1 --pairs 4000 --teacher-steps 20 --iters 1500 \
               --lr 5e-4 ;;
-    ct) distill ct --data "$DATA" --steps 1 --iters 3000 --lr 5e-4 ;;
+    # --steps 2 records iCT's two-step schedule (sigma 80, 0.821); 1 step is the first of it
+    ct) distill ct --data "$DATA" --steps 2 --iters 3000 --lr 5e-4 ;;
     *) echo "unknown method $m"; exit 2 ;;
   esac
 done

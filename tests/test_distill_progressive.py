@@ -70,3 +70,7 @@ def test_distill_cli_writes_a_student_that_samples_with_no_flags(tmp_path):
         assert "Traceback" not in bad.output
     busy = r.invoke(app, ["distill", "--teacher", str(tmp_path / "t"), "--out", str(tmp_path / "s")])
     assert busy.exit_code == 2 and "not empty" in busy.output
+    # resuming with other settings would silently reuse stages built from the old ones: refused
+    other = r.invoke(app, ["distill", "--teacher", str(tmp_path / "t"), "--out", str(tmp_path / "s"), "--steps", "1",
+                           "--start-steps", "2", "--iters", "6", "--batch", "32", "--resume"])
+    assert other.exit_code == 2 and "other settings (iters)" in other.output, other.output

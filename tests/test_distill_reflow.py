@@ -85,6 +85,6 @@ def test_reflow_conditional_guided_pairs_and_resume(tmp_path):
     again = distill("reflow", _ctx(t, tmp_path / "teacher", out, opts, resume=True))
     assert again.stages == res.stages
     assert torch.equal(load_tensors(out / "pairs.safetensors")["x"], pairs["x"])
-    with pytest.raises(FewstepError, match="other options"):
+    with pytest.raises(FewstepError, match=r"other settings \(loss, pairs\)"):
         other = DistillOptions(steps=1, iters=5, pairs=32, teacher_steps=4, guidance=2.0)
         distill("reflow", _ctx(t, tmp_path / "teacher", out, other, resume=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -83,3 +84,12 @@ def load_torch_state(path: Path, what: str = "optimizer state") -> Any:
     except Exception as e:  # noqa: BLE001 - any unpickling problem is a corrupt file to the user
         raise FewstepError(f"{what} file {path} is corrupt or unsafe ({e.__class__.__name__}): restore or restart"
                            ) from None
+
+
+def file_sha256(path: Path, length: int = 16) -> str:
+    """The first ``length`` hex digits of a file's SHA-256 (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from fewstep.errors import FewstepError
-from fewstep.io import read_json, write_json
-from fewstep.models.folder import LoadedModel
+from fewstep.io import file_sha256, read_json, write_json
+from fewstep.models.folder import LoadedModel, weights_file
 from fewstep.training.method import Method
 
 STUDENT = "student"  # the final stage's folder, for every method
@@ -58,6 +58,7 @@ class DistillContext:
     resume: bool = False
     train_fn: Callable[..., Any] | None = None  # the shared loop (tests wrap it)
     stages: list[dict[str, Any]] = field(default_factory=list)
+    record: dict[str, Any] | None = None  # what OUT/distill.json holds (set by `distill`)
 
     def stage(self, method: Method, name: str, iters: int | None = None,
               data: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Path:
@@ -66,12 +67,15 @@ class DistillContext:
         from fewstep.training.loop import TrainConfig, train
 
         run = self.train_fn or train
+        self.begin()
         folder = self.out / name
         cfg: TrainConfig = dataclasses.replace(self.train_config, steps=iters or self.options.iters)
         latest = folder / "checkpoints" / "latest"
         if self.resume and latest.is_file():
             state = read_json(folder / "checkpoints" / latest.read_text().strip() / "state.json", "checkpoint state")
-            if state["step"] < state["config"]["steps"]:
+            saved = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+            # unfinished, or finished but killed between the checkpoint and the model folder: the loop completes it
+            if state["step"] < state["config"]["steps"] or saved.get("training", {}).get("steps") != state["step"]:
                 run(method, data or self.data, cfg, folder, resume=True)
         else:
             if self.resume and folder.exists():  # started but never checkpointed: nothing worth keeping
@@ -80,7 +84,18 @@ class DistillContext:
         config = read_json(folder / "config.json", "stage config")
         self.stages.append({"stage": name, "method": method.name,
                             "wall_seconds": config.get("training", {}).get("wall_seconds")})
+        # every stage folder is a model: record what the distillation cost up to and including it
+        config["training"] = {**config.get("training", {}), "distill_wall_seconds": self.total_seconds()}
+        write_json(folder / "config.json", config)
         return folder
+
+    def total_seconds(self) -> float:
+        return round(sum(s["wall_seconds"] or 0.0 for s in self.stages), 1)
+
+    def begin(self) -> None:
+        """Write ``OUT/distill.json`` before the first thing worth resuming is written (stages call it)."""
+        if self.record is not None and not (self.out / RUN_FILE).is_file():
+            write_json(self.out / RUN_FILE, self.record)
 
     def extra_seconds(self, name: str, seconds: float) -> None:
         """Record time spent outside the loop (e.g. drawing teacher samples) in the distillation total."""
@@ -123,13 +138,40 @@ class DistillResult:
     wall_seconds: float
 
 
+RUN_FILE = "distill.json"
+
+
+def _run_record(method: str, ctx: DistillContext) -> dict[str, Any]:
+    """What a resumed run must share with the original: the method, its options, the teacher's weights, the data."""
+    teacher = file_sha256(weights_file(ctx.teacher_folder)) if ctx.teacher_folder is not None else None
+    opts = dataclasses.asdict(ctx.options)
+    opts["guidance_range"] = list(opts["guidance_range"]) if opts["guidance_range"] else None
+    return {"method": method, "options": opts, "teacher": teacher, "data": ctx.data_name,
+            "seed": ctx.train_config.seed, "batch": ctx.train_config.batch, "lr": ctx.train_config.lr}
+
+
 def distill(method: str, ctx: DistillContext) -> DistillResult:
-    """Run ``method`` and record the whole distillation (stages, total wall time) in the student's config."""
+    """Run ``method`` and record the whole distillation (stages, total wall time) in the student's config.
+
+    ``OUT/distill.json`` records the method, options and teacher; a resumed run with anything different is
+    refused (it would silently reuse stages built from other settings)."""
     m = get_method(method)
     if m.needs_teacher and ctx.teacher is None:
         raise FewstepError(f"method {method!r} needs --teacher")
+    record = _run_record(method, ctx)
+    run_file = ctx.out / RUN_FILE
+    if ctx.resume and run_file.is_file():
+        saved = read_json(run_file, "distillation record")
+        diff = [k for k in record if k != "options" and saved.get(k) != record[k]]
+        diff += [k for k, v in record["options"].items() if saved.get("options", {}).get(k) != v]
+        if diff:
+            raise FewstepError(f"{ctx.out} was distilled with other settings ({', '.join(diff)}): resume with the "
+                               "same command, or choose a new --out")
+    elif ctx.resume and ctx.out.is_dir() and any(ctx.out.iterdir()):
+        raise FewstepError(f"{ctx.out} has no {RUN_FILE} (not a fewstep distillation run): choose a new --out")
+    ctx.record = record  # written by the first stage, so options a method rejects leave nothing behind
     student = m.run(ctx)
-    total = round(sum(s["wall_seconds"] or 0.0 for s in ctx.stages), 1)
+    total = ctx.total_seconds()
     cfg = read_json(student / "config.json", "student config")
     cfg["training"] = {**cfg.get("training", {}), "method": method, "distill_stages": ctx.stages,
                        "distill_wall_seconds": total,

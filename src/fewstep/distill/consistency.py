@@ -31,6 +31,7 @@ from torch import nn
 from fewstep.diffusion.param import bcast
 from fewstep.distill.base import STUDENT, DistillContext, DistillMethod, distance, register
 from fewstep.distill.progressive import Reparameterize, _Base, _ddim
+from fewstep.errors import FewstepError
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.folder import ModelConfig, SamplingDefaults, load_model, save_model
 from fewstep.training.method import Batch, Phase
@@ -90,6 +91,12 @@ def consistency_stages(ctx: DistillContext) -> Path:
     o = ctx.options
     model, guidance, w_range = ctx.teacher, o.guidance, o.guidance_range
     assert model is not None
+    if model.denoiser.takes_guidance:
+        raise FewstepError("this teacher takes the guidance scale as an input: distil the original teacher instead")
+    if guidance != 1.0 and (w_range or model.config.null_class is None):
+        raise FewstepError("--guidance needs a class-conditional teacher with a null class and no --guidance-range")
+    if w_range and model.config.null_class is None:
+        raise FewstepError("--guidance-range needs a class-conditional teacher with a null class")
     if model.config.prediction != "v" or w_range or (guidance != 1.0 and model.config.null_class is not None):
         stage = Reparameterize(model.denoiser, model.config, guidance, w_range)
         model, guidance = load_model(ctx.stage(stage, "round_reparam", o.reparam_iters)), 1.0

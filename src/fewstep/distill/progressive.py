@@ -106,6 +106,8 @@ class _Base:
     def _config(self, role: str) -> ModelConfig:
         cfg = copy.deepcopy(self.base_config)
         cfg.prediction, cfg.role = "v", role
+        if cfg.schedule.get("type") == "vp":  # trained on unclipped DDIM steps: sample it the same way
+            cfg.schedule = {**cfg.schedule, "clip_sample": False, "thresholding": False}
         if self.w_range:
             cfg.backbone, cfg.backbone_config = self.student.net.kind, self.student.net.config
             cfg.guidance_range, cfg.null_class = list(self.w_range), None
@@ -195,6 +197,11 @@ def progressive_stages(ctx: DistillContext, w_range: tuple[float, float] | None 
         raise FewstepError("--steps and --start-steps must be powers of two with --start-steps >= --steps")
     model, guidance = ctx.teacher, o.guidance
     assert model is not None
+    if model.denoiser.takes_guidance:
+        raise FewstepError("this teacher takes the guidance scale as an input (a guided student): distil the "
+                           "original teacher instead")
+    if guidance != 1.0 and model.config.null_class is None:
+        raise FewstepError("--guidance needs a class-conditional teacher with a null class: drop --guidance")
     if w_range and (model.config.null_class is None or not model.config.num_classes):
         raise FewstepError("guided distillation needs a class-conditional teacher trained with a null class")
     if model.config.prediction != "v" or w_range:

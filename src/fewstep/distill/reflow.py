@@ -91,6 +91,7 @@ def pairs_for(ctx: DistillContext, guidance: float) -> tuple[torch.Tensor, torch
         z, x, labels = draw_pairs(teacher, o.pairs, o.teacher_steps, guidance, ctx.train_config.seed)
         seconds = time.perf_counter() - t0
         tensors = {"z": z, "x": x, **({"labels": labels} if labels is not None else {})}
+        ctx.begin()
         save_tensors(path, tensors, metadata={**expect, "seconds": repr(seconds)})
     if not torch.isfinite(x).all():
         raise FewstepError(f"the teacher's samples in {path} are not finite: check the teacher (fewstep sample)")
@@ -98,11 +99,13 @@ def pairs_for(ctx: DistillContext, guidance: float) -> tuple[torch.Tensor, torch
     return z, x, labels
 
 
-def _student_config(base: ModelConfig, T: int, role: str, steps: int, training: dict[str, Any]) -> ModelConfig:
+def _student_config(base: ModelConfig, T: int, role: str, steps: int, training: dict[str, Any],
+                    timesteps: list[float] | None = None) -> ModelConfig:
     return ModelConfig(backbone=base.backbone, backbone_config=copy.deepcopy(base.backbone_config), prediction="flow",
                        schedule={"type": "flow", "num_train_timesteps": T}, sample_shape=list(base.sample_shape),
                        num_classes=base.num_classes, null_class=None, data=base.data, role=role,
-                       sampling=SamplingDefaults(sampler="euler", steps=steps, spacing="trailing"), training=training)
+                       sampling=SamplingDefaults(sampler="euler", steps=steps, spacing="trailing", timesteps=timesteps),
+                       training=training)
 
 
 class _Stage:
@@ -124,8 +127,11 @@ class _Stage:
     def after_step(self, step: int) -> None:
         pass
 
+    fixed_timesteps: list[float] | None = None  # the one-step student is trained at t = T-1 only
+
     def save_model(self, out: Path, net: nn.Module, training: dict[str, Any]) -> None:
-        save_model(out, _student_config(self.base, self.T, self.role, self.steps, {**self.info, **training}), net)
+        save_model(out, _student_config(self.base, self.T, self.role, self.steps, {**self.info, **training},
+                                        self.fixed_timesteps), net)
 
 
 class Reflow(_Stage):
@@ -153,6 +159,7 @@ class OneStep(_Stage):
 
     def __init__(self, base: ModelConfig, net: nn.Module, T: int, info: dict[str, Any], loss: str):
         super().__init__(base, net, T, "student", 1, info)
+        self.fixed_timesteps = [float(T - 1)]
         self.dist = distance(loss)
         self.sigma = float(self.student.schedule.sigma(float(T - 1)))  # = sampling_sigmas(trailing 1 step)[0]
 
@@ -179,7 +186,9 @@ def reflow_stages(ctx: DistillContext) -> Path:
     if teacher.denoiser.takes_guidance:
         raise FewstepError("reflow needs a teacher without a guidance input (this one was distilled for a guidance "
                            "range): use the original teacher")
-    guidance = o.guidance if teacher.config.null_class is not None else 1.0
+    if o.guidance != 1.0 and teacher.config.null_class is None:
+        raise FewstepError("--guidance needs a class-conditional teacher with a null class: drop --guidance")
+    guidance = o.guidance
     z, x, labels = pairs_for(ctx, guidance)
     T = teacher.denoiser.schedule.num_train_timesteps
     info = {"reflow_pairs": o.pairs, "pair_sampler": PAIR_SAMPLER, "teacher_steps": o.teacher_steps,

@@ -28,7 +28,7 @@ import yaml
 
 import fewstep
 from fewstep.errors import FewstepError
-from fewstep.io import write_text
+from fewstep.io import file_sha256, read_json, write_text
 
 METRICS_VERSION = 1
 SPACINGS = ("trailing", "leading", "linspace")
@@ -169,22 +169,6 @@ def _machine() -> str:
     return f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus, torch {torch.__version__}"
 
 
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def _weights_file(folder: Path) -> Path:
-    for rel in ("model.safetensors", "unet/diffusion_pytorch_model.safetensors",
-                "diffusion_pytorch_model.safetensors"):
-        if (folder / rel).is_file():
-            return folder / rel
-    raise FewstepError(f"{folder} has no weights file")
-
-
 # --- the teacher --------------------------------------------------------------------------------
 def ensure_teacher(cfg: BenchConfig, log: Callable[[str], None]) -> Path:
     """The teacher folder, trained (or resumed) here if it is missing or unfinished."""
@@ -266,6 +250,10 @@ def _sample_row(row: Row, teacher, cfg: BenchConfig, n: int, spacing: str | None
             w = cfg.guidance
         else:
             w = d.guidance if m.config.null_class is not None else 1.0
+            baked = m.config.training.get("distilled_guidance")
+            if baked is not None and teacher.config.null_class is not None and baked != cfg.guidance:
+                raise FewstepError(f"student {row.name!r} was distilled at guidance {baked}, the bench samples the "
+                                   f"teacher at {cfg.guidance}: the rows would not compare like with like")
         # distilled for its recorded timesteps (progressive, guided); a consistency model samples at any steps
         fixed = d.timesteps is not None and (row.steps in (None, len(d.timesteps)) or d.sampler != "consistency")
         if fixed and row.steps not in (None, len(d.timesteps)):
@@ -287,7 +275,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     from fewstep.evaluate.report import write_report
     from fewstep.evaluate.runner import default_n, evaluate_samples, measure
     from fewstep.images import write_samples
-    from fewstep.models.folder import load_model
+    from fewstep.models.folder import load_model, weights_file
 
     folder = ensure_teacher(cfg, log)
     teacher = load_model(folder)
@@ -295,7 +283,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     out = Path(cfg.out)
     db = ResultsDB(out / "results.sqlite")
     run_id = db.start_run(cfg.raw)
-    teacher_hash = _file_hash(_weights_file(folder))
+    teacher_hash = file_sha256(weights_file(folder))
     teacher_cfg_hash = hashlib.sha256(json.dumps(teacher.config.to_json(), sort_keys=True, default=str).encode()
                                       ).hexdigest()[:16]
     results: list[dict[str, Any]] = []
@@ -305,7 +293,11 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
             "skipped in this run")
     rows = [r for r in rows if not r.model or (Path(r.model) / "config.json").is_file()]
     for i, row in enumerate(rows):
-        model_hash = _file_hash(_weights_file(Path(row.model))) if row.model else teacher_hash
+        model_hash = file_sha256(weights_file(Path(row.model))) if row.model else teacher_hash
+        if row.model:  # how the student samples (sampler, timesteps, boundary, ...) is part of the row
+            scfg = {k: v for k, v in read_json(Path(row.model) / "config.json").items()
+                    if k not in ("training", "fewstep_version")}
+            model_hash += hashlib.sha256(json.dumps(scfg, sort_keys=True).encode()).hexdigest()[:8]
         key_obj = {"v": METRICS_VERSION, "fewstep": fewstep.__version__, "teacher": teacher_hash,
                    "model": model_hash, "row": dataclasses.asdict(row), "n": n, "seed": cfg.seed,
                    "guidance": cfg.guidance, "data": cfg.data, "teacher_config": teacher_cfg_hash}

@@ -142,10 +142,13 @@ def model_card(config: ModelConfig, extra: str = "") -> str:
     how = f"--timesteps {','.join(str(t) for t in s.timesteps)}" if s.timesteps else f"--steps {s.steps}"
     cls = (f"{config.num_classes} classes (null class {config.null_class} for guidance)" if config.num_classes
            else "unconditional")
+    w_input = (f"; takes the guidance scale as an input (trained for {config.guidance_range[0]}.."
+               f"{config.guidance_range[1]})" if config.guidance_range else "")
     return (
         f"# fewstep {config.role}\n\n"
         f"- data: {config.data or 'unknown'}; samples of shape {tuple(config.sample_shape)}; {cls}\n"
-        f"- network: {config.backbone} predicting `{config.prediction}`; schedule: {config.schedule.get('type')}\n"
+        f"- network: {config.backbone} predicting `{config.prediction}`; schedule: {config.schedule.get('type')}"
+        f"{'; consistency boundary: ' + config.boundary if config.boundary else ''}{w_input}\n"
         f"- training: {', '.join(f'{k}={v}' for k, v in config.training.items()) or 'n/a'}\n\n"
         f"Sample it with:\n\n```\nfewstep sample --model THIS_FOLDER --sampler {s.sampler} {how} "
         "--out samples.png\n```\n"
@@ -159,6 +162,14 @@ def save_model(path: Path, config: ModelConfig, net: nn.Module, card_extra: str 
     save_tensors(path / "model.safetensors", net.state_dict(), metadata={"format": FORMAT})
     write_text(path / "README.md", model_card(config, card_extra))
     write_json(path / "config.json", config.to_json())
+
+
+def weights_file(folder: Path) -> Path:
+    """The weights file of a fewstep folder, a diffusers pipeline folder or a bare UNet folder."""
+    for rel in ("model.safetensors", f"unet/{DIFFUSERS_WEIGHTS}", DIFFUSERS_WEIGHTS):
+        if (Path(folder) / rel).is_file():
+            return Path(folder) / rel
+    raise FewstepError(f"{folder} has no weights file")
 
 
 def _load_state(net: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:

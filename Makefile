@@ -61,7 +61,7 @@ bench: $(STAMP)
 	FS="$(abspath $(PY)) -m fewstep" bash benchmarks/students.sh digits
 	$(PY) -m fewstep bench benchmarks/digits.yaml
 	$(PY) -m fewstep bench benchmarks/mnist.yaml
-	FS="$(abspath $(PY)) -m fewstep" bash benchmarks/students.sh mnist consistency progressive
+	FS="$(abspath $(PY)) -m fewstep" bash benchmarks/students.sh mnist progressive consistency
 	$(PY) -m fewstep bench benchmarks/mnist.yaml
 	$(PY) benchmarks/speed.py --json benchmarks/results/speed.json
 

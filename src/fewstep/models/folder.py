@@ -305,5 +305,9 @@ def describe(model: LoadedModel) -> list[tuple[str, str]]:
         ("data", c.data or "unknown (pass --data where needed)"),
         ("sampling", f"{s.sampler}, {how}, guidance {s.guidance}"),
     ]
+    if c.boundary:
+        rows.append(("boundary", f"{c.boundary} (a consistency model: f(x, sigma_min) = x)"))
+    if c.guidance_range:
+        rows.append(("guidance input", f"w in {c.guidance_range[0]}..{c.guidance_range[1]} (1 NFE per step)"))
     rows += [(f"training.{k}", str(v)) for k, v in c.training.items()]
     return rows

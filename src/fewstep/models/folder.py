@@ -65,7 +65,11 @@ class ModelConfig:
     training: dict[str, Any] = field(default_factory=dict)  # objective, steps, wall time, method, ...
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "fewstep_version": fewstep.__version__, **dataclasses.asdict(self)}
+        d = dataclasses.asdict(self)
+        for k in ("boundary", "guidance_range"):  # students' fields: absent unless set (older configs stay equal)
+            if d[k] is None:
+                del d[k]
+        return {"format": FORMAT, "fewstep_version": fewstep.__version__, **d}
 
     @staticmethod
     def from_json(obj: dict[str, Any], where: str) -> ModelConfig:

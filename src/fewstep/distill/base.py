@@ -102,6 +102,21 @@ class DistillContext:
         self.stages.append({"stage": name, "method": name, "wall_seconds": round(seconds, 1)})
 
 
+class StudentStage:
+    """What most stages share: one trainable ``self.student`` (a Denoiser) whose EMA is exported, no hook."""
+
+    student: Any
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"student": self.student.net}
+
+    def ema_target(self) -> torch.nn.Module:
+        return self.student.net
+
+    def after_step(self, step: int) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class DistillMethod:
     """A registered method: ``run(ctx) -> final student folder`` (``ctx.out / STUDENT``)."""

@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from fewstep.diffusion.param import bcast
 from fewstep.distill.base import STUDENT, DistillContext, DistillMethod, distance, register
 from fewstep.distill.progressive import Reparameterize, _Base, _ddim
 from fewstep.errors import FewstepError
@@ -49,6 +48,8 @@ class ConsistencyDistill(_Base):
         self.target = Denoiser(copy.deepcopy(self.student.net).requires_grad_(False), teacher.schedule, "v",
                                self.student.num_classes, self.student.null_class, "lcm")
         self.steps, self.grid, self.mu = steps, grid, mu
+        self._target_params = list(self.target.net.parameters())  # loaded in place on resume: safe to keep
+        self._student_params = list(self.student.net.parameters())
         self.dist = distance(loss)
 
     def modules(self) -> dict[str, nn.Module]:
@@ -56,7 +57,7 @@ class ConsistencyDistill(_Base):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:  # theta- <- mu theta- + (1 - mu) theta
-        torch._foreach_lerp_(list(self.target.net.parameters()), list(self.student.net.parameters()), 1 - self.mu)
+        torch._foreach_lerp_(self._target_params, self._student_params, 1 - self.mu)
 
     def phases(self) -> list[Phase]:
         T = self.teacher.schedule.num_train_timesteps
@@ -67,8 +68,7 @@ class ConsistencyDistill(_Base):
             n = torch.randint(1, self.grid + 1, (x0.shape[0],), generator=gen, device=x0.device).to(torch.float64)
             s = self._sigma(n * dt).to(x0.device)
             s_prev = self._sigma((n - 1) * dt).to(x0.device)
-            eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
-            x = x0 + bcast(s, x0) * eps
+            x = self._noised(x0, s, gen)
             c_teacher, c_student = self._conds(y, x0.shape[0], gen, x0.device)
             with torch.no_grad():
                 x_prev = _ddim(self._teach(x, s, c_teacher), x, s, s_prev)  # one skipping-step ODE step

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from fewstep.diffusion.param import Prediction, bcast
-from fewstep.distill.base import STUDENT, DistillContext, DistillMethod, register
+from fewstep.distill.base import STUDENT, DistillContext, DistillMethod, StudentStage, register
 from fewstep.errors import FewstepError
 from fewstep.models.backbones import GuidanceEmbedded
 from fewstep.models.denoiser import Cond, Denoiser
@@ -56,7 +56,7 @@ def guided_prediction(den: Denoiser, x: torch.Tensor, sigma: torch.Tensor, label
     return Prediction(x0=x0_u + wb * (x0_c - x0_u), eps=eps_u + wb * (eps_c - eps_u))
 
 
-class _Base:
+class _Base(StudentStage):
     """Shared plumbing: a frozen teacher denoiser and a trainable v-predicting student copied from it.
 
     ``guidance``: one scale baked into the targets.  ``w_range``: a scale drawn per example from [lo, hi] and fed
@@ -78,17 +78,14 @@ class _Base:
         self.base_config = config
         self.guidance = guidance
 
-    def modules(self) -> dict[str, nn.Module]:
-        return {"student": self.student.net}
-
-    def ema_target(self) -> nn.Module:
-        return self.student.net
-
-    def after_step(self, step: int) -> None:
-        pass
-
     def _sigma(self, t: torch.Tensor) -> torch.Tensor:
         return self.teacher.schedule.sigma(t)
+
+    @staticmethod
+    def _noised(x0: torch.Tensor, sigma: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The VE state x0 + sigma eps for fresh eps."""
+        eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+        return x0 + bcast(sigma, x0) * eps
 
     def _conds(self, y: torch.Tensor | None, n: int, gen: torch.Generator, device) -> tuple[Any, Any]:
         """(teacher's cond, student's cond) for a batch: labels, plus w per example under a guidance range."""
@@ -132,8 +129,7 @@ class Reparameterize(_Base):
             x0, y = batch
             t = torch.rand(x0.shape[0], generator=gen, device=x0.device, dtype=torch.float64) * (T - 1)
             sigma = self._sigma(t).to(x0.device)
-            eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
-            x = x0 + bcast(sigma, x0) * eps
+            x = self._noised(x0, sigma, gen)
             c_teacher, c_student = self._conds(y, x0.shape[0], gen, x0.device)
             with torch.no_grad():
                 target = self._teach(x, sigma, c_teacher).x0
@@ -167,8 +163,7 @@ class ProgressiveRound(_Base):
             s = self._sigma(i * dt).to(x0.device)
             s_mid = self._sigma((i - 0.5) * dt).to(x0.device)
             s_next = torch.where(i > 1, self._sigma(((i - 1) * dt).clamp(min=0)).to(x0.device), torch.zeros_like(s))
-            eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
-            x = x0 + bcast(s, x0) * eps
+            x = self._noised(x0, s, gen)
             c_teacher, c_student = self._conds(y, x0.shape[0], gen, x0.device)
             with torch.no_grad():
                 x_mid = _ddim(self._teach(x, s, c_teacher), x, s, s_mid)

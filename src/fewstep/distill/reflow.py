@@ -37,7 +37,7 @@ from torch import nn
 
 from fewstep.diffusion.param import bcast
 from fewstep.diffusion.schedules import NoiseSchedule
-from fewstep.distill.base import STUDENT, DistillContext, DistillMethod, distance, l2, register
+from fewstep.distill.base import STUDENT, DistillContext, DistillMethod, StudentStage, distance, l2, register
 from fewstep.errors import FewstepError
 from fewstep.generate import class_labels, generate, resolve_timesteps
 from fewstep.io import load_tensors, save_tensors
@@ -108,7 +108,7 @@ def _student_config(base: ModelConfig, T: int, role: str, steps: int, training: 
                        training=training)
 
 
-class _Stage:
+class _Stage(StudentStage):
     """A trainable flow-matching copy of ``net`` (no null class: guidance lives in the pairs)."""
 
     name = "reflow"
@@ -117,15 +117,6 @@ class _Stage:
         self.student = Denoiser(copy.deepcopy(net).requires_grad_(True), NoiseSchedule.flow(T), "flow",
                                 base.num_classes, None)
         self.base, self.T, self.role, self.steps, self.info = base, T, role, steps, info
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"student": self.student.net}
-
-    def ema_target(self) -> nn.Module:
-        return self.student.net
-
-    def after_step(self, step: int) -> None:
-        pass
 
     fixed_timesteps: list[float] | None = None  # the one-step student is trained at t = T-1 only
 

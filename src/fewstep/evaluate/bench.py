@@ -316,8 +316,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
                 spacing = min(scores, key=scores.get)
             res = _sample_row(row, teacher, cfg, n, spacing)
             ev = evaluate_samples(cfg.data, row.label, res, cfg.seed).to_json()
-            trained = (load_model(row.model).config.training.get("distill_wall_seconds") if row.model
-                       else teacher.config.training.get("wall_seconds"))
+            trained = (read_json(Path(row.model) / "config.json").get("training", {}).get("distill_wall_seconds")
+                       if row.model else teacher.config.training.get("wall_seconds"))
             ev.update(method=row.method, name=row.name, spacing=spacing, grid=f"grids/{key}.png", train_seconds=trained,
                       label=row.label.replace(" best", f" {spacing}"))
             write_samples(out / "grids" / f"{key}.png", res.x[:100], nrow=10 if res.x.ndim == 4 else None)

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fewstep.cli import app
+from fewstep.evaluate import bench
 
 runner = CliRunner()
 
@@ -71,7 +72,7 @@ teacher_reference: {{sampler: ddim, steps: 8}}
     return cfg
 
 
-def test_bench_writes_db_csv_plots_report_and_caches_rows(digits_teacher, tmp_path):
+def test_bench_writes_db_csv_plots_report_and_caches_rows(digits_teacher, tmp_path, monkeypatch):
     model, _ = digits_teacher
     cfg = _bench_config(tmp_path, model)
     r = _run("bench", cfg)
@@ -96,6 +97,11 @@ def test_bench_writes_db_csv_plots_report_and_caches_rows(digits_teacher, tmp_pa
     assert r2.exit_code == 0 and r2.output.count("cached") == 6
     assert db.execute("SELECT COUNT(*) FROM rows").fetchone()[0] == 6
     assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 2
+    # a new feature-network recipe for the dataset: no row measured with the old network is reused
+    monkeypatch.setattr(bench, "FEATURE_VERSIONS", {**bench.FEATURE_VERSIONS, "digits": 2})
+    r3 = _run("bench", cfg)
+    assert r3.exit_code == 0 and r3.output.count("cached") == 0
+    assert db.execute("SELECT COUNT(*) FROM rows").fetchone()[0] == 12
 
 
 def _chromium() -> str | None:

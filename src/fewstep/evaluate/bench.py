@@ -28,6 +28,7 @@ import yaml
 
 import fewstep
 from fewstep.errors import FewstepError
+from fewstep.evaluate.features import VERSIONS as FEATURE_VERSIONS
 from fewstep.io import file_sha256, read_json, write_text
 
 METRICS_VERSION = 1
@@ -301,6 +302,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
         key_obj = {"v": METRICS_VERSION, "fewstep": fewstep.__version__, "teacher": teacher_hash,
                    "model": model_hash, "row": dataclasses.asdict(row), "n": n, "seed": cfg.seed,
                    "guidance": cfg.guidance, "data": cfg.data, "teacher_config": teacher_cfg_hash}
+        if FEATURE_VERSIONS.get(cfg.data, 1) != 1:  # a new feature-network recipe invalidates the rows it measured
+            key_obj["features"] = FEATURE_VERSIONS[cfg.data]  # (left out at 1, so keys from before stay valid)
         key = hashlib.sha256(json.dumps(key_obj, sort_keys=True).encode()).hexdigest()[:24]
         hit = db.cached(key)
         if hit is None:

@@ -21,9 +21,12 @@ from fewstep.data.datasets import IMAGE_DATASETS, load_dataset
 from fewstep.errors import FewstepError
 from fewstep.io import load_tensors, save_tensors, write_json
 
-VERSION = 1
 FEATURE_DIM = 64
-EPOCHS = {"digits": 60, "mnist": 20, "fashion": 6}
+EPOCHS = {"digits": 60, "mnist": 20, "fashion": 15}
+# The recipe's version per dataset, part of the cache folder's name: bump a dataset's entry when its recipe
+# changes, so its old network is not reused while the other datasets keep theirs (and their bench rows).
+# fashion v1 trained 6 epochs and reached 0.895 test accuracy, below the 0.90 the protocol asks for.
+VERSIONS = {"digits": 1, "mnist": 1, "fashion": 2}
 
 
 def cache_dir() -> Path:
@@ -109,20 +112,25 @@ def train_feature_net(dataset: str, seed: int = 0, epochs: int | None = None) ->
 
 
 def feature_extractor(dataset: str, retrain: bool = False) -> FeatureExtractor:
-    """The cached feature network of ``dataset`` (trained on first use; keyed by dataset and VERSION)."""
+    """The cached feature network of ``dataset`` (trained on first use; keyed by dataset and its VERSIONS entry)."""
     if dataset not in IMAGE_DATASETS:
         raise FewstepError(f"no feature network for {dataset!r}: image datasets are {', '.join(IMAGE_DATASETS)}")
-    folder = cache_dir() / "features" / f"{dataset}-v{VERSION}"
+    version = VERSIONS[dataset]
+    folder = cache_dir() / "features" / f"{dataset}-v{version}"
     if not retrain and (folder / "info.json").is_file():
-        info = json.loads((folder / "info.json").read_text())
-        net = FeatureNet(info["channels"], info["num_classes"])
-        net.load_state_dict(load_tensors(folder / "model.safetensors", "feature network"))
+        try:
+            info = json.loads((folder / "info.json").read_text())
+            net = FeatureNet(info["channels"], info["num_classes"])
+            net.load_state_dict(load_tensors(folder / "model.safetensors", "feature network"))
+        except (FewstepError, ValueError, KeyError, RuntimeError) as e:
+            raise FewstepError(f"the cached {dataset} feature network in {folder} is unusable ({str(e)[:80]}): "
+                               "delete that folder and it is retrained on next use") from None
         return FeatureExtractor(dataset, net.eval(), info["test_accuracy"])
     t0 = time.perf_counter()
     fx = train_feature_net(dataset)
     save_tensors(folder / "model.safetensors", fx.net.state_dict())
     train = load_dataset(dataset, "train")
-    write_json(folder / "info.json", {"dataset": dataset, "version": VERSION, "test_accuracy": fx.test_accuracy,
+    write_json(folder / "info.json", {"dataset": dataset, "version": version, "test_accuracy": fx.test_accuracy,
                                       "channels": train.sample_shape[0], "num_classes": train.num_classes,
                                       "feature_dim": FEATURE_DIM, "train_seconds": round(time.perf_counter() - t0, 1)})
     return fx

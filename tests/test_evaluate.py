@@ -97,10 +97,20 @@ def test_bench_writes_db_csv_plots_report_and_caches_rows(digits_teacher, tmp_pa
     assert r2.exit_code == 0 and r2.output.count("cached") == 6
     assert db.execute("SELECT COUNT(*) FROM rows").fetchone()[0] == 6
     assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 2
-    # a new feature-network recipe for the dataset: no row measured with the old network is reused
-    monkeypatch.setattr(bench, "FEATURE_VERSIONS", {**bench.FEATURE_VERSIONS, "digits": 2})
+    assert ours["model_sha256"] and ours["features_sha256"]  # what each row was measured with
+    # the same weights retrained elsewhere: only the training record differs, so every row is still reused
+    copy = tmp_path / "retrained"
+    shutil.copytree(model, copy)
+    conf = json.loads((copy / "config.json").read_text())
+    conf["training"]["wall_seconds"] = conf["training"].get("wall_seconds", 0) + 123.0
+    (copy / "config.json").write_text(json.dumps(conf))
+    cfg.write_text(cfg.read_text().replace(str(model), str(copy)))
     r3 = _run("bench", cfg)
-    assert r3.exit_code == 0 and r3.output.count("cached") == 0
+    assert r3.exit_code == 0 and r3.output.count("cached") == 6, r3.output
+    # another feature network (e.g. a new recipe, or a retrain that is not bit-identical): nothing is reused
+    monkeypatch.setattr(bench, "feature_weights_sha256", lambda data: "0123456789abcdef")
+    r4 = _run("bench", cfg)
+    assert r4.exit_code == 0 and r4.output.count("cached") == 0
     assert db.execute("SELECT COUNT(*) FROM rows").fetchone()[0] == 12
 
 

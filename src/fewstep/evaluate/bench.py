@@ -1,9 +1,10 @@
 """`fewstep bench`: one teacher, every sampler x NFE, diffusers' schedulers as baselines, students; cached rows.
 
 Orchestration only: it trains the teacher if its folder is missing (resuming an interrupted run), then
-evaluates rows through :mod:`fewstep.evaluate.runner`.  Each row is cached by a key over the teacher's
-weights and the row's settings in an append-only SQLite database, so an interrupted bench resumes and an
-unchanged config reuses everything.
+evaluates rows through :mod:`fewstep.evaluate.runner`.  Each row is cached in an append-only SQLite database
+by a key over the weights (model, teacher, feature network), the models' sampling configs (not their training
+records) and the row's settings, so an interrupted bench resumes, an unchanged config reuses everything, and so
+does a bit-identical retrain of the teacher on another machine.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import torch
 import yaml
 
 import fewstep
+from fewstep.data.datasets import IMAGE_DATASETS
 from fewstep.errors import FewstepError
-from fewstep.evaluate.features import VERSIONS as FEATURE_VERSIONS
+from fewstep.evaluate.features import feature_weights_sha256
 from fewstep.io import file_sha256, read_json, write_text
 
 METRICS_VERSION = 1
@@ -272,6 +274,12 @@ def _sample_row(row: Row, teacher, cfg: BenchConfig, n: int, spacing: str | None
                     seed=cfg.seed, labels=labels, guidance=guidance)
 
 
+def _sampling_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A model config without its provenance (the training record: recipe, losses, wall time; the version that
+    wrote it): with the weights' hash, what decides the samples, so a bit-identical retrain reuses its rows."""
+    return {k: v for k, v in config.items() if k not in ("training", "fewstep_version")}
+
+
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     from fewstep.evaluate.report import write_report
     from fewstep.evaluate.runner import default_n, evaluate_samples, measure
@@ -285,8 +293,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     db = ResultsDB(out / "results.sqlite")
     run_id = db.start_run(cfg.raw)
     teacher_hash = file_sha256(weights_file(folder))
-    teacher_cfg_hash = hashlib.sha256(json.dumps(teacher.config.to_json(), sort_keys=True, default=str).encode()
-                                      ).hexdigest()[:16]
+    teacher_cfg_hash = hashlib.sha256(json.dumps(_sampling_config(teacher.config.to_json()), sort_keys=True,
+                                                 default=str).encode()).hexdigest()[:16]
+    # the metrics' own network: a retrained (or differently trained) one measures differently
+    features_hash = feature_weights_sha256(cfg.data) if cfg.data in IMAGE_DATASETS else None
     results: list[dict[str, Any]] = []
     rows = plan_rows(cfg)
     for row in [r for r in rows if r.model and not (Path(r.model) / "config.json").is_file()]:
@@ -296,14 +306,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     for i, row in enumerate(rows):
         model_hash = file_sha256(weights_file(Path(row.model))) if row.model else teacher_hash
         if row.model:  # how the student samples (sampler, timesteps, boundary, ...) is part of the row
-            scfg = {k: v for k, v in read_json(Path(row.model) / "config.json").items()
-                    if k not in ("training", "fewstep_version")}
+            scfg = _sampling_config(read_json(Path(row.model) / "config.json"))
             model_hash += hashlib.sha256(json.dumps(scfg, sort_keys=True).encode()).hexdigest()[:8]
         key_obj = {"v": METRICS_VERSION, "fewstep": fewstep.__version__, "teacher": teacher_hash,
                    "model": model_hash, "row": dataclasses.asdict(row), "n": n, "seed": cfg.seed,
-                   "guidance": cfg.guidance, "data": cfg.data, "teacher_config": teacher_cfg_hash}
-        if FEATURE_VERSIONS.get(cfg.data, 1) != 1:  # a new feature-network recipe invalidates the rows it measured
-            key_obj["features"] = FEATURE_VERSIONS[cfg.data]  # (left out at 1, so keys from before stay valid)
+                   "guidance": cfg.guidance, "data": cfg.data, "teacher_config": teacher_cfg_hash,
+                   "features": features_hash}
         key = hashlib.sha256(json.dumps(key_obj, sort_keys=True).encode()).hexdigest()[:24]
         hit = db.cached(key)
         if hit is None:
@@ -322,7 +330,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
             trained = (read_json(Path(row.model) / "config.json").get("training", {}).get("distill_wall_seconds")
                        if row.model else teacher.config.training.get("wall_seconds"))
             ev.update(method=row.method, name=row.name, spacing=spacing, grid=f"grids/{key}.png", train_seconds=trained,
-                      label=row.label.replace(" best", f" {spacing}"))
+                      label=row.label.replace(" best", f" {spacing}"), model_sha256=model_hash[:16],
+                      features_sha256=features_hash)
             write_samples(out / "grids" / f"{key}.png", res.x[:100], nrow=10 if res.x.ndim == 4 else None)
             db.add(run_id, key, row, ev)
             hit = ev

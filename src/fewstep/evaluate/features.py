@@ -19,7 +19,7 @@ from torch import nn
 
 from fewstep.data.datasets import IMAGE_DATASETS, load_dataset
 from fewstep.errors import FewstepError
-from fewstep.io import load_tensors, save_tensors, write_json
+from fewstep.io import file_sha256, load_tensors, save_tensors, write_json
 
 FEATURE_DIM = 64
 EPOCHS = {"digits": 60, "mnist": 20, "fashion": 15}
@@ -111,12 +111,23 @@ def train_feature_net(dataset: str, seed: int = 0, epochs: int | None = None) ->
     return fx
 
 
-def feature_extractor(dataset: str, retrain: bool = False) -> FeatureExtractor:
-    """The cached feature network of ``dataset`` (trained on first use; keyed by dataset and its VERSIONS entry)."""
+def _folder(dataset: str) -> Path:
     if dataset not in IMAGE_DATASETS:
         raise FewstepError(f"no feature network for {dataset!r}: image datasets are {', '.join(IMAGE_DATASETS)}")
+    return cache_dir() / "features" / f"{dataset}-v{VERSIONS[dataset]}"
+
+
+def feature_weights_sha256(dataset: str) -> str:
+    """SHA-256 (16 hex digits) of ``dataset``'s cached feature-network weights, training the network if missing:
+    what a metric was measured with, so a cached result is reused only with the same network."""
+    feature_extractor(dataset)
+    return file_sha256(_folder(dataset) / "model.safetensors")
+
+
+def feature_extractor(dataset: str, retrain: bool = False) -> FeatureExtractor:
+    """The cached feature network of ``dataset`` (trained on first use; keyed by dataset and its VERSIONS entry)."""
+    folder = _folder(dataset)
     version = VERSIONS[dataset]
-    folder = cache_dir() / "features" / f"{dataset}-v{version}"
     if not retrain and (folder / "info.json").is_file():
         try:
             info = json.loads((folder / "info.json").read_text())

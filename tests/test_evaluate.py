@@ -183,6 +183,11 @@ def test_bench_student_rows(digits_teacher, tmp_path):
     assert results["student:cd x1"]["train_seconds"] == cd.config.training["distill_wall_seconds"] > 0
     assert results["fewstep:ddim x1"]["train_seconds"] == load_model(model).config.training["wall_seconds"]
     assert "train s" in (tmp_path / "out" / "report.html").read_text()
+    # the same student in another folder (a bench run from another directory sees another path): cached
+    shutil.move(tmp_path / "consistency", tmp_path / "moved")
+    cfg.write_text(cfg.read_text().replace(str(tmp_path / "consistency"), str(tmp_path / "moved")))
+    again = _run("bench", cfg)
+    assert again.exit_code == 0 and again.output.count("cached") == 6, again.output  # every row
     cfg.write_text(cfg.read_text().replace("model: " + str(tmp_path / "progressive" / "student") + ", steps: 1",
                                            "model: " + str(tmp_path / "progressive" / "student") + ", steps: 2"))
     bad = _run("bench", cfg)

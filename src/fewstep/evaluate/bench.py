@@ -308,9 +308,11 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
         if row.model:  # how the student samples (sampler, timesteps, boundary, ...) is part of the row
             scfg = _sampling_config(read_json(Path(row.model) / "config.json"))
             model_hash += hashlib.sha256(json.dumps(scfg, sort_keys=True).encode()).hexdigest()[:8]
+        # a student's folder path is left out: its weights and config are in model_hash, and the path changes
+        # with the directory the bench runs from
         key_obj = {"v": METRICS_VERSION, "fewstep": fewstep.__version__, "teacher": teacher_hash,
-                   "model": model_hash, "row": dataclasses.asdict(row), "n": n, "seed": cfg.seed,
-                   "guidance": cfg.guidance, "data": cfg.data, "teacher_config": teacher_cfg_hash,
+                   "model": model_hash, "row": dataclasses.asdict(dataclasses.replace(row, model=None)), "n": n,
+                   "seed": cfg.seed, "guidance": cfg.guidance, "data": cfg.data, "teacher_config": teacher_cfg_hash,
                    "features": features_hash}
         key = hashlib.sha256(json.dumps(key_obj, sort_keys=True).encode()).hexdigest()[:24]
         hit = db.cached(key)

@@ -13,6 +13,7 @@ from diffusers import (  # noqa: I001
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
     UNet2DModel,
 )
 
@@ -20,7 +21,7 @@ from fewstep.diffusion.schedules import spaced_timesteps
 from fewstep.models.backbones import UNetBackbone
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.scheduler_config import VPProcess
-from fewstep.samplers import SamplerOptions, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler
+from fewstep.samplers import SamplerOptions, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler, sample_heun
 
 RTOL = 1e-4
 
@@ -108,6 +109,27 @@ def test_euler_matches_diffusers(clip, n):
     for t in sched.timesteps:
         x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
     _close(sample_euler(den, noise, sigmas), x)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("n", [1, 2, 5])
+@torch.no_grad()
+def test_heun_matches_diffusers(prediction, n):
+    """EDM's Heun (2 evaluations a step, Euler on the last one to sigma 0) = HeunDiscreteScheduler, whose
+    second evaluation of each step runs at the next step's timestep (set_timesteps interleaves them).
+    Without clip_sample only: diffusers' Heun clamps x0 when it is set, EDM's Algorithm 1 (ours) never does."""
+    unet = _unet()
+    cfg = _cfg(False, prediction)
+    timesteps = spaced_timesteps(n, 1000, "trailing")
+    sched = HeunDiscreteScheduler.from_config(cfg)
+    sched.set_timesteps(timesteps=timesteps)
+    den, process = _fewstep(unet, cfg)
+    sigmas = process.schedule().sampling_sigmas(timesteps)
+    noise = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    x = noise * (1 + sigmas[0] ** 2).sqrt()  # the same initial state for both loops
+    for t in sched.timesteps:
+        x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
+    _close(sample_heun(den, noise, sigmas), x)
 
 
 @pytest.mark.parametrize("clip", [False, True])

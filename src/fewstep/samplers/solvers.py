@@ -8,7 +8,9 @@
 - ``sigmas`` are VE noise levels, strictly decreasing, ending with 0 (clean data, alpha_bar = 1):
   one network evaluation per entry except the last (Heun: 2 per step, 1 on the last step).
 - DDPM and DDIM post-process x0 with ``opts.clip_x0`` as diffusers does (the raw eps is kept);
-  Euler, Heun and DPM-Solver++ never clip, as in diffusers.
+  Euler, Heun and DPM-Solver++ never clip.  diffusers' Euler and DPM-Solver++ do not either; its
+  HeunDiscreteScheduler clamps x0 when the config sets ``clip_sample``, so with such a config fewstep's
+  Heun (EDM's Algorithm 1, which has no clipping) differs from it.
 """
 
 from __future__ import annotations

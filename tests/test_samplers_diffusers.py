@@ -93,14 +93,12 @@ def test_ddpm_matches_diffusers_with_same_noise(clip):
     _close(sample_ddpm(den, noise, sigmas, opts=opts), x)
 
 
-@pytest.mark.parametrize("clip", [False, True])
-@pytest.mark.parametrize("n", [1, 2, 5])
-@torch.no_grad()
-def test_euler_matches_diffusers(clip, n):
+def _check_karras_loop(scheduler_cls, sampler, cfg: dict, n: int) -> None:
+    """A diffusers sigma-space scheduler (scale_model_input + step) against a fewstep sampler on the same
+    trailing timesteps and the same initial state."""
     unet = _unet()
-    cfg = _cfg(clip)
     timesteps = spaced_timesteps(n, 1000, "trailing")
-    sched = EulerDiscreteScheduler.from_config(cfg)
+    sched = scheduler_cls.from_config(cfg)
     sched.set_timesteps(timesteps=timesteps)
     den, process = _fewstep(unet, cfg)
     sigmas = process.schedule().sampling_sigmas(timesteps)
@@ -108,7 +106,14 @@ def test_euler_matches_diffusers(clip, n):
     x = noise * (1 + sigmas[0] ** 2).sqrt()  # the same initial state for both loops
     for t in sched.timesteps:
         x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
-    _close(sample_euler(den, noise, sigmas), x)
+    _close(sampler(den, noise, sigmas), x)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("n", [1, 2, 5])
+@torch.no_grad()
+def test_euler_matches_diffusers(clip, n):
+    _check_karras_loop(EulerDiscreteScheduler, sample_euler, _cfg(clip), n)
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
@@ -118,18 +123,7 @@ def test_heun_matches_diffusers(prediction, n):
     """EDM's Heun (2 evaluations a step, Euler on the last one to sigma 0) = HeunDiscreteScheduler, whose
     second evaluation of each step runs at the next step's timestep (set_timesteps interleaves them).
     Without clip_sample only: diffusers' Heun clamps x0 when it is set, EDM's Algorithm 1 (ours) never does."""
-    unet = _unet()
-    cfg = _cfg(False, prediction)
-    timesteps = spaced_timesteps(n, 1000, "trailing")
-    sched = HeunDiscreteScheduler.from_config(cfg)
-    sched.set_timesteps(timesteps=timesteps)
-    den, process = _fewstep(unet, cfg)
-    sigmas = process.schedule().sampling_sigmas(timesteps)
-    noise = torch.randn(4, 1, 8, 8, dtype=torch.float64)
-    x = noise * (1 + sigmas[0] ** 2).sqrt()  # the same initial state for both loops
-    for t in sched.timesteps:
-        x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
-    _close(sample_heun(den, noise, sigmas), x)
+    _check_karras_loop(HeunDiscreteScheduler, sample_heun, _cfg(False, prediction), n)
 
 
 @pytest.mark.parametrize("clip", [False, True])

@@ -274,10 +274,12 @@ def _sample_row(row: Row, teacher, cfg: BenchConfig, n: int, spacing: str | None
                     seed=cfg.seed, labels=labels, guidance=guidance)
 
 
-def _sampling_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A model config without its provenance (the training record: recipe, losses, wall time; the version that
-    wrote it): with the weights' hash, what decides the samples, so a bit-identical retrain reuses its rows."""
-    return {k: v for k, v in config.items() if k not in ("training", "fewstep_version")}
+def _sampling_config_hash(config: dict[str, Any], length: int) -> str:
+    """Hash of a model config without its provenance (the training record: recipe, losses, wall time; the
+    version that wrote it): with the weights' hash, what decides the samples, so a bit-identical retrain
+    reuses its rows."""
+    kept = {k: v for k, v in config.items() if k not in ("training", "fewstep_version")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
@@ -293,8 +295,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     db = ResultsDB(out / "results.sqlite")
     run_id = db.start_run(cfg.raw)
     teacher_hash = file_sha256(weights_file(folder))
-    teacher_cfg_hash = hashlib.sha256(json.dumps(_sampling_config(teacher.config.to_json()), sort_keys=True,
-                                                 default=str).encode()).hexdigest()[:16]
+    teacher_cfg_hash = _sampling_config_hash(teacher.config.to_json(), 16)
     # the metrics' own network: a retrained (or differently trained) one measures differently
     features_hash = feature_weights_sha256(cfg.data) if cfg.data in IMAGE_DATASETS else None
     results: list[dict[str, Any]] = []
@@ -306,8 +307,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     for i, row in enumerate(rows):
         model_hash = file_sha256(weights_file(Path(row.model))) if row.model else teacher_hash
         if row.model:  # how the student samples (sampler, timesteps, boundary, ...) is part of the row
-            scfg = _sampling_config(read_json(Path(row.model) / "config.json"))
-            model_hash += hashlib.sha256(json.dumps(scfg, sort_keys=True).encode()).hexdigest()[:8]
+            model_hash += _sampling_config_hash(read_json(Path(row.model) / "config.json"), 8)
         # a student's folder path is left out: its weights and config are in model_hash, and the path changes
         # with the directory the bench runs from
         key_obj = {"v": METRICS_VERSION, "fewstep": fewstep.__version__, "teacher": teacher_hash,

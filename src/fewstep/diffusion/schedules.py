@@ -114,6 +114,21 @@ class NoiseSchedule:
     def __post_init__(self) -> None:
         # log sigma is what both directions interpolate; computed once, not on every network call
         object.__setattr__(self, "_log_sigmas", self.sigmas.to(torch.float64).log())
+        # copies of that table on other devices, made once each: sigma(t) and timestep(sigma) work on whatever
+        # device their argument is on, wherever the schedule itself lives
+        object.__setattr__(self, "_log_by_device", {self._log_sigmas.device: self._log_sigmas})
+
+    def _log_on(self, device: torch.device) -> torch.Tensor:
+        table = self._log_by_device.get(device)
+        if table is None:
+            table = self._log_sigmas.to(device)
+            self._log_by_device[device] = table
+        return table
+
+    def to(self, device: torch.device | str) -> NoiseSchedule:
+        """The same schedule with its tables on ``device`` (the training loop places every denoiser's schedule)."""
+        device = torch.device(device)
+        return self if self.sigmas.device == device else NoiseSchedule(self.sigmas.to(device))
 
     @staticmethod
     def from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> NoiseSchedule:
@@ -147,14 +162,14 @@ class NoiseSchedule:
     def sigma(self, t: torch.Tensor | float | list[float]) -> torch.Tensor:
         """VE sigma at (fractional) timesteps ``t`` in ``[0, T-1]``."""
         t = torch.as_tensor(t, dtype=torch.float64)
-        log_s = self._log_sigmas
+        log_s = self._log_on(t.device)
         lo = t.floor().clamp(0, self.num_train_timesteps - 2).long()
         w = t - lo
         return (log_s[lo] * (1 - w) + log_s[lo + 1] * w).exp()
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`sigma`: fractional timestep of each noise level, clamped to ``[0, T-1]``."""
-        log_s = self._log_sigmas.to(sigma.device)
+        log_s = self._log_on(sigma.device)
         ls = sigma.to(torch.float64).clamp(min=1e-20).log()
         hi = torch.searchsorted(log_s, ls.contiguous()).clamp(1, self.num_train_timesteps - 1)
         lo = hi - 1

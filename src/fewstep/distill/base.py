@@ -22,7 +22,7 @@ import torch
 from fewstep.errors import FewstepError
 from fewstep.io import file_sha256, read_json, write_json
 from fewstep.models.folder import LoadedModel, weights_file
-from fewstep.training.method import Method
+from fewstep.training.method import Method, Networks
 
 STUDENT = "student"  # the final stage's folder, for every method
 
@@ -107,14 +107,15 @@ class StudentStage:
 
     student: Any
 
-    def modules(self) -> dict[str, torch.nn.Module]:
-        return {"student": self.student.net}
+    def networks(self) -> Networks:
+        return Networks(trained={"student": self.student}, frozen=self.frozen())
+
+    def frozen(self) -> dict[str, torch.nn.Module]:
+        """The fixed networks the stage's losses use (a teacher): placed on the device, never checkpointed."""
+        return {}
 
     def ema_target(self) -> torch.nn.Module:
         return self.student.net
-
-    def after_step(self, step: int) -> None:
-        pass
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from fewstep.distill.progressive import Reparameterize, _Base, _ddim
 from fewstep.errors import FewstepError
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.folder import ModelConfig, SamplingDefaults, load_model, save_model
-from fewstep.training.method import Batch, Phase
+from fewstep.training.method import Batch, Networks, Phase, StepContext
 
 
 class ConsistencyDistill(_Base):
@@ -52,8 +52,8 @@ class ConsistencyDistill(_Base):
         self._student_params = list(self.student.net.parameters())
         self.dist = distance(loss)
 
-    def modules(self) -> dict[str, nn.Module]:
-        return {"student": self.student.net, "target": self.target.net}
+    def networks(self) -> Networks:
+        return Networks(trained={"student": self.student}, state={"target": self.target}, frozen=self.frozen())
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:  # theta- <- mu theta- + (1 - mu) theta
@@ -63,8 +63,9 @@ class ConsistencyDistill(_Base):
         T = self.teacher.schedule.num_train_timesteps
         dt = (T - 1) / self.grid
 
-        def loss(batch: Batch, gen: torch.Generator) -> torch.Tensor:
+        def loss(batch: Batch, ctx: StepContext) -> torch.Tensor:
             x0, y = batch
+            gen = ctx.gen
             n = torch.randint(1, self.grid + 1, (x0.shape[0],), generator=gen, device=x0.device).to(torch.float64)
             s = self._sigma(n * dt).to(x0.device)
             s_prev = self._sigma((n - 1) * dt).to(x0.device)

@@ -49,7 +49,7 @@ from fewstep.errors import FewstepError
 from fewstep.models.backbones import default_preset, preset_backbone
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.folder import ModelConfig, SamplingDefaults, build_denoiser, save_model
-from fewstep.training.method import Batch, Phase
+from fewstep.training.method import Batch, Networks, Phase, StepContext
 
 S0, S1 = 10, 1280  # curriculum: initial and final number of grid intervals
 P_MEAN, P_STD = -1.1, 2.0  # the discretized lognormal over grid levels
@@ -108,17 +108,14 @@ class ConsistencyTraining:
         self.k = 0
         self._grid: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (N, sigmas, probabilities)
 
-    def modules(self) -> dict[str, nn.Module]:
-        return {"net": self.model.net}
+    def networks(self) -> Networks:
+        return Networks(trained={"net": self.model})
 
     def ema_target(self) -> nn.Module:
         return self.model.net
 
-    def before_step(self, step: int) -> None:
+    def before_step(self, step: int, gen: torch.Generator | None = None) -> None:
         self.k = step
-
-    def after_step(self, step: int) -> None:
-        pass
 
     def grid(self) -> tuple[int, torch.Tensor, torch.Tensor]:
         """(N, sigmas, p) at the current iteration k (recomputed when N changes)."""
@@ -136,8 +133,9 @@ class ConsistencyTraining:
             return self.model(x, sigma, y).x0
 
     def phases(self) -> list[Phase]:
-        def loss(batch: Batch, gen: torch.Generator) -> torch.Tensor:
+        def loss(batch: Batch, ctx: StepContext) -> torch.Tensor:
             x0, y = batch
+            gen = ctx.gen
             _, sigmas, p = self.grid()
             dev = x0.device
             n = torch.multinomial(p.to(dev), x0.shape[0], replacement=True, generator=gen)

@@ -33,7 +33,7 @@ from fewstep.models.backbones import GuidanceEmbedded
 from fewstep.models.denoiser import Cond, Denoiser
 from fewstep.models.folder import ModelConfig, SamplingDefaults, load_model, save_model
 from fewstep.samplers.guidance import guide
-from fewstep.training.method import Batch, Phase
+from fewstep.training.method import Batch, Networks, Phase, StepContext
 
 
 def student_timesteps(num_train_timesteps: int, n: int) -> list[float]:
@@ -77,6 +77,9 @@ class _Base(StudentStage):
                                 None if self.w_range else teacher.null_class)
         self.base_config = config
         self.guidance = guidance
+
+    def frozen(self) -> dict[str, nn.Module]:
+        return {"teacher": self.teacher}
 
     def _sigma(self, t: torch.Tensor) -> torch.Tensor:
         return self.teacher.schedule.sigma(t)
@@ -125,8 +128,9 @@ class Reparameterize(_Base):
     def phases(self) -> list[Phase]:
         T = self.teacher.schedule.num_train_timesteps
 
-        def loss(batch: Batch, gen: torch.Generator) -> torch.Tensor:
+        def loss(batch: Batch, ctx: StepContext) -> torch.Tensor:
             x0, y = batch
+            gen = ctx.gen
             t = torch.rand(x0.shape[0], generator=gen, device=x0.device, dtype=torch.float64) * (T - 1)
             sigma = self._sigma(t).to(x0.device)
             x = self._noised(x0, sigma, gen)
@@ -157,8 +161,9 @@ class ProgressiveRound(_Base):
         T = self.teacher.schedule.num_train_timesteps
         dt = (T - 1) / self.n
 
-        def loss(batch: Batch, gen: torch.Generator) -> torch.Tensor:
+        def loss(batch: Batch, ctx: StepContext) -> torch.Tensor:
             x0, y = batch
+            gen = ctx.gen
             i = torch.randint(1, self.n + 1, (x0.shape[0],), generator=gen, device=x0.device).to(torch.float64)
             s = self._sigma(i * dt).to(x0.device)
             s_mid = self._sigma((i - 0.5) * dt).to(x0.device)

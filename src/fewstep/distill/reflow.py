@@ -44,7 +44,7 @@ from fewstep.io import load_tensors, save_tensors
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.folder import LoadedModel, ModelConfig, SamplingDefaults, load_model, save_model
 from fewstep.samplers import IndexedNoise
-from fewstep.training.method import Batch, Phase
+from fewstep.training.method import Batch, Networks, Phase, StepContext
 from fewstep.training.teacher import flow_noise
 
 PAIRS_FILE = "pairs.safetensors"
@@ -133,8 +133,9 @@ class Reflow(_Stage):
     def phases(self) -> list[Phase]:
         noise = flow_noise(self.student.schedule)  # t uniform inside the grid the sampler uses
 
-        def loss(batch: Batch, gen: torch.Generator) -> torch.Tensor:
+        def loss(batch: Batch, ctx: StepContext) -> torch.Tensor:
             pair, y = batch
+            gen = ctx.gen
             x, z = pair[:, 0], pair[:, 1]
             sigma = noise(x.shape[0], gen, x.device)
             xt = x + bcast(sigma, x) * z  # the VE state of (1 - t) x + t z
@@ -157,7 +158,7 @@ class OneStep(_Stage):
     def phases(self) -> list[Phase]:
         scale = (1 + torch.tensor(self.sigma, dtype=torch.float64) ** 2).sqrt().item()  # the sampler's start
 
-        def loss(batch: Batch, gen: torch.Generator) -> torch.Tensor:
+        def loss(batch: Batch, ctx: StepContext) -> torch.Tensor:
             pair, y = batch
             x, z = pair[:, 0], pair[:, 1]
             sigma = torch.full((x.shape[0],), self.sigma, dtype=torch.float64, device=x.device)

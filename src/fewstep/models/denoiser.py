@@ -56,6 +56,14 @@ class Denoiser(nn.Module):
         self.null_class = null_class  # the 'no class' label of classifier-free guidance, if trained with one
         self.param: Parameterization = get_parameterization(prediction)
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's own signature
+        """``.to(device)`` (and every other move) takes the schedule's tables along: they are plain tensors, not
+        buffers, so that ``.to(dtype)`` never rounds the float64 noise levels."""
+        super()._apply(fn, recurse)
+        device = fn(torch.zeros(())).device
+        self.schedule = self.schedule.to(device)
+        return self
+
     @property
     def takes_guidance(self) -> bool:
         """True for a guidance-conditioned network (its ``cond`` must be a :class:`Cond`)."""

@@ -1,18 +1,27 @@
 """The one training loop, shared by teacher objectives and every later method.
 
-Per step: draw the batch (a pure function of seed and step, so resume is exact), run each due phase's
-loss under autocast, backward (with gradient accumulation), all-reduce gradients across processes, clip,
-optimizer and LR-schedule step, EMA update, the method's ``after_step`` hook.  Every ``ckpt_every``
-steps: an atomic checkpoint (weights, EMA, optimizers, schedulers, RNG, step) and the exported model folder.
+Setup: every network the method declares goes to the accelerator's device (frozen ones in eval mode with
+gradients off, denoisers with their schedule tables); trained modules are prepared by accelerate (DDP in a
+multi-process run); each phase gets its own AdamW with the phase's settings.
+
+Per step: the global batch (a pure function of seed and step, so resume is exact; each process takes its
+slice), the method's ``before_step(step, gen)``, then each due phase: only its parameters require gradients,
+its loss runs under autocast per micro-batch (gradients synchronized by DDP on the last one), gradients are
+clipped, the learning rate is set from the *global* step (warm-up then cosine) and the optimizer steps.  Then
+the EMA update and the method's ``after_step``.  Every ``ckpt_every`` steps an atomic checkpoint (weights of
+the trained and state modules, EMA, optimizers, every process's RNG state, the grad scaler, step) and the
+exported model folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +32,15 @@ from torch import nn
 from fewstep.errors import FewstepError
 from fewstep.io import load_tensors, load_torch_state, read_json, save_tensors, save_torch_state, write_json, write_text
 from fewstep.training.ema import EMA
-from fewstep.training.method import Batch, Method
+from fewstep.training.method import Batch, Method, Networks, Phase, StepContext, loss_value
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
 @dataclass
 class TrainConfig:
     steps: int = 2000
-    batch: int = 64
+    batch: int = 64  # the global batch: every process takes batch / processes, split in grad_accum micro-batches
     lr: float = 2e-4
     warmup: int = 100
     weight_decay: float = 0.0
@@ -64,16 +75,18 @@ def batch_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
     return out
 
 
-def _adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def _adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float, betas: tuple[float, float],
+           eps: float) -> torch.optim.Optimizer:
     """AdamW, fused where this torch and device support it (on CPU ~6 ms/step less for a 1 M-parameter UNet)."""
+    kw = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
     try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), fused=True)
+        return torch.optim.AdamW(params, fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
+        return torch.optim.AdamW(params, **kw)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up then cosine decay to 0 at ``total``."""
+    """Linear warm-up then cosine decay to 0 at ``total``, as a function of the global step."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -103,28 +116,118 @@ class _Checkpoints:
         return path
 
 
+def core(module: nn.Module) -> nn.Module:
+    """The network a declared module stands for: a Denoiser's ``net``, otherwise the module itself."""
+    from fewstep.models.denoiser import Denoiser
+
+    return module.net if isinstance(module, Denoiser) else module
+
+
 def _prefixed(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    return {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+    return {f"{name}.{k}": v for name, m in modules.items() for k, v in core(m).state_dict().items()}
 
 
 def _load_prefixed(modules: dict[str, nn.Module], state: dict[str, torch.Tensor], where: Path) -> None:
     for name, m in modules.items():
         sub = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
         try:
-            m.load_state_dict(sub, strict=True)
+            core(m).load_state_dict(sub, strict=True)
         except RuntimeError as e:
             first = str(e).splitlines()[0][:100]
             raise FewstepError(f"checkpoint {where} does not fit module {name!r} ({first})") from None
 
 
+def place(method: Method, device: torch.device | str) -> Networks:
+    """Put every network ``method`` declares on ``device`` (denoisers with their schedule tables); frozen ones in
+    eval mode without gradients.  Returns the declaration."""
+    nets = method.networks()
+    trained_params = {id(p) for m in nets.trained.values() for p in m.parameters()}
+    for name, m in nets.frozen.items():
+        if any(id(p) in trained_params for p in m.parameters()):
+            raise ValueError(f"network {name!r} is declared frozen but shares parameters with a trained network")
+        m.requires_grad_(False).eval()
+    for m in nets.all().values():
+        m.to(device)
+    return nets
+
+
+class _Route:
+    """Routes calls of a trained module through its DDP wrapper while a phase that trains it runs, and through
+    the bare module otherwise (frozen uses in other phases, evaluation, the EMA).  The method keeps calling the
+    module it owns; the loop flips ``active``."""
+
+    def __init__(self, module: nn.Module, wrapped: nn.Module):
+        self.module, self.wrapped, self.active, self._inside = module, wrapped, False, False
+        self._had_own_forward = "forward" in module.__dict__
+        self._forward = module.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if self.active and not self._inside and torch.is_grad_enabled():
+                self._inside = True
+                try:
+                    return self.wrapped(*args, **kwargs)
+                finally:
+                    self._inside = False
+            return self._forward(*args, **kwargs)
+
+        module.forward = forward
+
+    def restore(self) -> None:
+        if self._had_own_forward:
+            self.module.forward = self._forward
+        else:
+            del self.module.forward
+
+
+def make_accelerator(cfg: TrainConfig, find_unused_parameters: bool = False) -> Any:
+    """The accelerate ``Accelerator`` of a run (tests replace this to inject a stand-in grad scaler)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters,
+                                                                      broadcast_buffers=False)])
+
+
+def _rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    state = {"gen": gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(gen: torch.Generator, rng: dict[str, torch.Tensor], rank: int, where: Path) -> None:
+    key = f"gen{rank}"
+    if key not in rng:
+        raise FewstepError(f"checkpoint RNG state {where} has no state for process {rank}: resume with the process "
+                           "count the run was started with")
+    try:
+        gen.set_state(rng[key])
+        if f"torch{rank}" in rng:
+            torch.set_rng_state(rng[f"torch{rank}"])
+        if f"cuda{rank}" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng[f"cuda{rank}"])
+    except (RuntimeError, ValueError) as e:
+        raise FewstepError(f"checkpoint RNG state {where} is damaged ({str(e)[:80]}): restore it or restart") from None
+
+
+def _check_config(cfg: TrainConfig, world: int) -> None:
+    if cfg.ckpt_every < 1 or cfg.steps < 1 or cfg.batch < 1 or cfg.grad_accum < 1:
+        raise FewstepError("--steps, --batch, --ckpt-every and --grad-accum must be at least 1")
+    if cfg.mixed_precision not in MIXED_PRECISION:
+        raise FewstepError(f"--mixed-precision {cfg.mixed_precision!r}: use no, fp16 or bf16")
+    if cfg.batch % (world * cfg.grad_accum):
+        raise FewstepError(f"--batch {cfg.batch} (the global batch) must divide by processes x --grad-accum = "
+                           f"{world} x {cfg.grad_accum}: choose a multiple of {world * cfg.grad_accum}")
+
+
 def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: TrainConfig, out: Path,
           resume: bool = False) -> TrainResult:
     """Run ``method`` for ``cfg.steps`` steps on ``data = (x, labels or None)``; write checkpoints and the model
-    folder into ``out``."""
-    from accelerate import Accelerator
-
+    folder into ``out``.  Works unchanged in every process of ``accelerate launch`` / ``torchrun``."""
     out = Path(out)
     ckpts = _Checkpoints(out)
+    saved: dict[str, Any] = {}
     if resume:
         start = ckpts.latest()
         if start is None:
@@ -135,127 +238,211 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
         raise FewstepError(f"{out} already holds a model or training run: pass --resume or choose a new --out")
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FewstepError(f"{out} exists and is not an empty folder: choose a new --out (nothing was written)")
-    if cfg.ckpt_every < 1 or cfg.steps < 1 or cfg.batch < 1 or cfg.grad_accum < 1:
-        raise FewstepError("--steps, --batch, --ckpt-every and gradient accumulation must be at least 1")
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+    if cfg.mixed_precision not in MIXED_PRECISION:
         raise FewstepError(f"--mixed-precision {cfg.mixed_precision!r}: use no, fp16 or bf16")
 
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1)
-    device = acc.device
-    modules = method.modules()
-    for m in modules.values():
-        m.to(device)
+    acc = make_accelerator(cfg, bool(getattr(method, "find_unused_parameters", False)))
+    device, world, rank = acc.device, acc.num_processes, acc.process_index
+    _check_config(cfg, world)
+    if resume and int(saved.get("processes", 1)) != world:
+        raise FewstepError(f"{out} was trained with {saved.get('processes', 1)} processes, this run has {world}: "
+                           "resume with the same process count (each process's random state is in the checkpoint)")
+
+    nets = place(method, device)
     phases = method.phases()
+    if not phases:
+        raise ValueError(f"method {method.name!r} has no phases")
+    # what each phase optimizes: the parameters of its module that the method left trainable
     params = [[p for p in ph.module.parameters() if p.requires_grad] for ph in phases]
-    optims = [_adamw(ps, cfg.lr * ph.lr_scale, cfg.weight_decay) for ph, ps in zip(phases, params)]
-    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, cfg.warmup, cfg.steps)) for o in optims]
+    trained_ids = {id(p) for m in nets.trained.values() for p in m.parameters()}
+    for ph, ps in zip(phases, params):
+        if not ps:
+            raise ValueError(f"phase {ph.name!r} of {method.name!r} has no trainable parameters")
+        if any(id(p) not in trained_ids for p in ps):
+            raise ValueError(f"phase {ph.name!r} trains a module that {method.name!r} does not declare as trained")
+    every_trainable = list({id(p): p for ps in params for p in ps}.values())
+    toggle = len(phases) > 1  # several phases: only the running phase's parameters require gradients
+    optims = [_adamw(ps, cfg.lr * ph.lr_scale, cfg.weight_decay if ph.weight_decay is None else ph.weight_decay,
+                     ph.betas, ph.eps) for ph, ps in zip(phases, params)]
+
+    # trained modules through accelerate: DDP in a multi-process run (the method's own module stays what it calls)
+    routes: dict[int, _Route] = {}
+    for m in nets.trained.values():
+        net = core(m)
+        wrapped = acc.prepare_model(net)
+        if wrapped is not net:
+            routes[id(net)] = _Route(net, wrapped)
+    phase_routes = [[r for r in routes.values() if {id(p) for p in r.module.parameters()} & {id(p) for p in ps}]
+                    for ps in params]
+
     ema = EMA(method.ema_target(), cfg.ema_decay)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 7_919 + acc.process_index)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 7_919 + rank)
     step, elapsed = 0, 0.0
+    checkpointed = nets.checkpointed()
+    optims = [acc.prepare_optimizer(o, device_placement=False) for o in optims]  # grad scaling for fp16
     if resume:
-        _load_prefixed(modules, load_tensors(start / "modules.safetensors", "checkpoint weights"), start)
+        _load_prefixed(checkpointed, load_tensors(start / "modules.safetensors", "checkpoint weights"), start)
         ema.module.load_state_dict(load_tensors(start / "ema.safetensors", "checkpoint EMA weights"))
         opt_state = load_torch_state(start / "optim.pt")
-        for ph, o, s in zip(phases, optims, scheds):
+        for ph, o in zip(phases, optims):
             o.load_state_dict(opt_state[ph.name]["optim"])
-            s.load_state_dict(opt_state[ph.name]["sched"])
-        rng = load_tensors(start / "rng.safetensors", "checkpoint RNG state")
-        gen.set_state(rng[f"gen{acc.process_index}"] if f"gen{acc.process_index}" in rng else rng["gen0"])
+        if acc.scaler is not None and "_grad_scaler" in opt_state:
+            acc.scaler.load_state_dict(opt_state["_grad_scaler"])
+        _set_rng_state(gen, load_tensors(start / "rng.safetensors", "checkpoint RNG state"), rank,
+                       start / "rng.safetensors")
         step, elapsed, ema.num_updates = saved["step"], saved["elapsed"], saved["ema_updates"]
     ema.module.to(device)
-    optims = [acc.prepare_optimizer(o) for o in optims]  # grad scaling for fp16; thin on CPU
 
     x_all, y_all = data
     n = x_all.shape[0]
-    world, rank = acc.num_processes, acc.process_index
+    local = cfg.batch // world
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
-    if resume and metrics_path.is_file():  # drop what was logged after the checkpoint we resume from
+    if resume and metrics_path.is_file() and acc.is_main_process:  # drop what was logged after the checkpoint
         kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
         write_text(metrics_path, "".join(ln + "\n" for ln in kept))
     history: list[dict[str, Any]] = []
-    running: dict[str, list[float]] = {ph.name: [] for ph in phases}
+    running: dict[str, list[float]] = {}
 
     def save(step: int) -> None:
-        if not acc.is_main_process:
-            return
-        path = ckpts.root / f"step_{step:08d}"
-        save_tensors(path / "modules.safetensors", _prefixed(modules))
-        save_tensors(path / "ema.safetensors", ema.module.state_dict())
-        save_torch_state(path / "optim.pt", {ph.name: {"optim": o.state_dict(), "sched": s.state_dict()}
-                                             for ph, o, s in zip(phases, optims, scheds)})
-        save_tensors(path / "rng.safetensors", {"gen0": gen.get_state()})
-        write_json(path / "state.json", {"step": step, "elapsed": elapsed + time.perf_counter() - t0,
-                                         "ema_updates": ema.num_updates, "method": method.name,
-                                         "config": dataclasses.asdict(cfg)})
-        ckpts.commit(step)
-        method.save_model(out, ema.module, {"method": method.name, "steps": step,
-                                            "wall_seconds": round(elapsed + time.perf_counter() - t0, 1),
-                                            "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
-                                            "ema_decay": cfg.ema_decay})
+        from accelerate.utils import gather_object
+
+        states = gather_object([_rng_state(gen)])  # every process's RNG state (a collective: all ranks call save)
+        if acc.is_main_process:
+            path = ckpts.root / f"step_{step:08d}"
+            save_tensors(path / "modules.safetensors", _prefixed(checkpointed))
+            save_tensors(path / "ema.safetensors", ema.module.state_dict())
+            state: dict[str, Any] = {ph.name: {"optim": o.state_dict()} for ph, o in zip(phases, optims)}
+            if acc.scaler is not None:
+                state["_grad_scaler"] = acc.scaler.state_dict()
+            save_torch_state(path / "optim.pt", state)
+            save_tensors(path / "rng.safetensors",
+                         {f"{k}{r}": v for r, s in enumerate(states) for k, v in s.items()})
+            write_json(path / "state.json", {"step": step, "elapsed": elapsed + time.perf_counter() - t0,
+                                             "ema_updates": ema.num_updates, "method": method.name,
+                                             "processes": world, "config": dataclasses.asdict(cfg)})
+            ckpts.commit(step)
+            method.save_model(out, ema.module, {"method": method.name, "steps": step,
+                                                "wall_seconds": round(elapsed + time.perf_counter() - t0, 1),
+                                                "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
+                                                "ema_decay": cfg.ema_decay})
+        acc.wait_for_everyone()
+
+    def log_record(step: int, now: float) -> dict[str, Any]:
+        rec: dict[str, Any] = {"step": step, "it_s": round((step - step_log) / (now - t_log), 3),
+                               "lr": cfg.lr * phases[0].lr_scale * lr_factor(step - 1, cfg.warmup, cfg.steps),
+                               "time": round(elapsed + now - t0, 2)}
+        means = {k: sum(v) / len(v) for k, v in running.items() if v}
+        if world > 1 and means:  # the mean over processes (every process logs at the same steps)
+            keys = sorted(means)
+            t = acc.reduce(torch.tensor([means[k] for k in keys], device=device, dtype=torch.float64), "mean")
+            means = dict(zip(keys, t.tolist()))
+        rec.update(means)
+        return rec
+
+    def activate(i: int) -> None:
+        """Phase ``i`` runs: only its parameters require gradients, its modules run through DDP."""
+        if toggle:
+            for p in every_trainable:
+                p.requires_grad_(False)
+            for p in params[i]:
+                p.requires_grad_(True)
+        for r in routes.values():
+            r.active = r in phase_routes[i]
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
                         disable=not (cfg.progress and acc.is_main_process))
-    before_step = getattr(method, "before_step", None)  # optional: methods with a step-dependent loss (curricula)
+    before_step = getattr(method, "before_step", None)
+    after_step = getattr(method, "after_step", None)
     t0 = time.perf_counter()
     t_log, step_log = t0, step
-    with progress:
-        task = progress.add_task(method.name, total=cfg.steps, completed=step, info="")
-        while step < cfg.steps:
-            if before_step is not None:
-                before_step(step)
-            idx = batch_indices(step, n, cfg.batch, cfg.seed)[rank::world]
-            xb = x_all[idx].to(device, non_blocking=True)
-            yb = y_all[idx].to(device) if y_all is not None else None
-            for ph, ps, opt, sch in zip(phases, params, optims, scheds):
-                if step % ph.every:
-                    continue
-                total = 0.0
-                for xc, yc in _micro(xb, yb, cfg.grad_accum):
+    try:
+        with progress:
+            task = progress.add_task(method.name, total=cfg.steps, completed=step, info="")
+            while step < cfg.steps:
+                if before_step is not None:
                     with acc.autocast():
-                        loss = ph.loss((xc, yc), gen).float().mean() / cfg.grad_accum
-                    acc.backward(loss)
-                    total += float(loss.detach())
-                if not math.isfinite(total):
-                    raise FewstepError(f"{ph.name} loss is {total} at step {step}: the last checkpoint in {out} is "
-                                       "kept; lower --lr or check the data")
-                if world > 1:
-                    for p in ps:
-                        if p.grad is not None:
-                            p.grad = acc.reduce(p.grad, reduction="mean")
-                if cfg.grad_clip:
-                    acc.clip_grad_norm_(ps, cfg.grad_clip)
-                opt.step()
-                sch.step()
-                opt.zero_grad(set_to_none=True)
-                running[ph.name].append(total)
-            ema.update(method.ema_target())
-            method.after_step(step)
-            step += 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                now = time.perf_counter()
-                rec = {"step": step, "it_s": round((step - step_log) / (now - t_log), 3),
-                       "lr": scheds[0].get_last_lr()[0], "time": round(elapsed + now - t0, 2)}
-                rec.update({f"loss/{k}": sum(v) / len(v) for k, v in running.items() if v})
-                running = {k: [] for k in running}
-                history.append(rec)
-                if acc.is_main_process:
-                    with open(metrics_path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(rec) + "\n")
-                t_log, step_log = now, step
-                info = " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in rec.items() if k.startswith("loss/"))
-                progress.update(task, completed=step, info=f"{info} {rec['it_s']:.1f} it/s")
-            else:
-                progress.update(task, completed=step)
-            if step % cfg.ckpt_every == 0 and step < cfg.steps:
-                save(step)
-    save(step)
-    acc.wait_for_everyone()
+                        before_step(step, gen)
+                idx = batch_indices(step, n, cfg.batch, cfg.seed)[rank * local:(rank + 1) * local]
+                xb = x_all[idx].to(device, non_blocking=True)
+                yb = y_all[idx].to(device) if y_all is not None else None
+                micro = _micro(xb, yb, cfg.grad_accum)
+                contexts = [StepContext(step, gen, j) for j in range(len(micro))]
+                factor = lr_factor(step, cfg.warmup, cfg.steps)
+                for i, (ph, ps, opt) in enumerate(zip(phases, params, optims)):
+                    if step % ph.every:
+                        continue
+                    activate(i)
+                    total, logs = 0.0, {}
+                    for j, (batch, ctx) in enumerate(zip(micro, contexts)):
+                        with _sync(phase_routes[i], last=j == len(micro) - 1), acc.autocast():
+                            per_sample, extra = loss_value(ph.loss(batch, ctx))
+                            loss = per_sample.float().mean() / cfg.grad_accum
+                        acc.backward(loss)
+                        total += float(loss.detach())
+                        for k, v in extra.items():
+                            logs[k] = logs.get(k, 0.0) + float(v) / len(micro)
+                    if world > 1:  # every process stops together on a non-finite loss
+                        total = float(acc.reduce(torch.tensor(total, device=device), "mean"))
+                    if not math.isfinite(total):
+                        raise FewstepError(f"{ph.name} loss is {total} at step {step}: the last checkpoint in {out} "
+                                           "is kept; lower --lr or check the data")
+                    clip = cfg.grad_clip if ph.grad_clip is None else ph.grad_clip
+                    if clip:
+                        if acc.scaler is not None:  # fp16: clip the true gradients
+                            acc.scaler.unscale_(opt.optimizer)
+                        torch.nn.utils.clip_grad_norm_(ps, clip)
+                    for g in opt.param_groups:  # the schedule follows the global step, whatever `every` is
+                        g["lr"] = cfg.lr * ph.lr_scale * factor
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    running.setdefault(f"loss/{ph.name}", []).append(total)
+                    for k, v in logs.items():
+                        running.setdefault(f"{ph.name}/{k}", []).append(v)
+                del contexts, micro
+                ema.update(method.ema_target())
+                if after_step is not None:
+                    after_step(step)
+                step += 1
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    now = time.perf_counter()
+                    rec = log_record(step, now)
+                    running = {}
+                    history.append(rec)
+                    if acc.is_main_process:
+                        with open(metrics_path, "a", encoding="utf-8") as f:
+                            f.write(json.dumps(rec) + "\n")
+                    t_log, step_log = now, step
+                    info = " ".join(f"{k.split('/', 1)[1] if k.startswith('loss/') else k} {v:.4f}"
+                                    for k, v in rec.items() if "/" in k)
+                    progress.update(task, completed=step, info=f"{info} {rec['it_s']:.1f} it/s")
+                else:
+                    progress.update(task, completed=step)
+                if step % cfg.ckpt_every == 0 and step < cfg.steps:
+                    save(step)
+        save(step)
+    finally:
+        for p in every_trainable:
+            p.requires_grad_(True)
+        for r in routes.values():
+            r.restore()
     final = {k[5:]: v for k, v in (history[-1] if history else {}).items() if k.startswith("loss/")}
     return TrainResult(out, step, elapsed + time.perf_counter() - t0, final, history)
+
+
+@contextlib.contextmanager
+def _sync(routes: list[_Route], last: bool) -> Iterator[None]:
+    """Gradient accumulation: DDP synchronizes gradients only on a step's last micro-batch."""
+    if last or not routes:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for r in routes:
+            stack.enter_context(r.wrapped.no_sync())
+        yield
 
 
 def _micro(x: torch.Tensor, y: torch.Tensor | None, k: int) -> list[Batch]:

@@ -26,7 +26,7 @@ from fewstep.models.backbones import build_backbone
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.folder import ModelConfig, SamplingDefaults, build_denoiser, save_model, vp_schedule_dict
 from fewstep.models.scheduler_config import VPProcess
-from fewstep.training.method import Batch, Phase
+from fewstep.training.method import Batch, Networks, Phase, StepContext
 
 OBJECTIVES = ("ddpm", "edm", "flow")
 NoiseDist = Callable[[int, torch.Generator, torch.device], torch.Tensor]
@@ -56,12 +56,13 @@ def flow_noise(schedule: NoiseSchedule) -> NoiseDist:
     return draw
 
 
-def regression_loss(den: Denoiser, noise: NoiseDist, p_uncond: float = 0.1) -> Callable[[Batch, torch.Generator],
+def regression_loss(den: Denoiser, noise: NoiseDist, p_uncond: float = 0.1) -> Callable[[Batch, StepContext],
                                                                                         torch.Tensor]:
     """Per-sample MSE between the network output and its parameterization's target."""
 
-    def loss(batch: Batch, gen: torch.Generator) -> torch.Tensor:
+    def loss(batch: Batch, ctx: StepContext) -> torch.Tensor:
         x0, y = batch
+        gen = ctx.gen
         sigma = noise(x0.shape[0], gen, x0.device)
         eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
         x = x0 + bcast(sigma, x0) * eps
@@ -125,21 +126,18 @@ class TeacherMethod:
         self.name = f"teacher-{spec.objective}"
         self.config = teacher_config(spec)
         self.denoiser = build_denoiser(self.config, build_backbone(spec.backbone, self.config.backbone_config))
-        sched = self.denoiser.schedule
-        self.noise: NoiseDist = {"ddpm": lambda: ddpm_noise(sched), "edm": lognormal_noise,
-                                 "flow": lambda: flow_noise(sched)}[spec.objective]()
 
-    def modules(self) -> dict[str, nn.Module]:
-        return {"net": self.denoiser.net}
+    def networks(self) -> Networks:
+        return Networks(trained={"net": self.denoiser})
 
     def phases(self) -> list[Phase]:
-        return [Phase("denoise", self.denoiser.net, regression_loss(self.denoiser, self.noise, self.spec.p_uncond))]
+        sched = self.denoiser.schedule  # built here, after the loop placed the denoiser (and its tables)
+        noise: NoiseDist = {"ddpm": lambda: ddpm_noise(sched), "edm": lognormal_noise,
+                            "flow": lambda: flow_noise(sched)}[self.spec.objective]()
+        return [Phase("denoise", self.denoiser.net, regression_loss(self.denoiser, noise, self.spec.p_uncond))]
 
     def ema_target(self) -> nn.Module:
         return self.denoiser.net
-
-    def after_step(self, step: int) -> None:
-        pass
 
     def save_model(self, out: Path, net: nn.Module, training: dict[str, Any]) -> None:
         self.config.training = {"objective": self.spec.objective, **training}

@@ -33,7 +33,7 @@ from fewstep.models.backbones import GuidanceEmbedded
 from fewstep.models.denoiser import Cond, Denoiser
 from fewstep.models.folder import ModelConfig, SamplingDefaults, load_model, save_model
 from fewstep.samplers.guidance import guide
-from fewstep.training.method import Batch, Networks, Phase, StepContext
+from fewstep.training.method import Batch, Phase, StepContext
 
 
 def student_timesteps(num_train_timesteps: int, n: int) -> list[float]:

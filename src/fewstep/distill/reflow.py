@@ -44,7 +44,7 @@ from fewstep.io import load_tensors, save_tensors
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.folder import LoadedModel, ModelConfig, SamplingDefaults, load_model, save_model
 from fewstep.samplers import IndexedNoise
-from fewstep.training.method import Batch, Networks, Phase, StepContext
+from fewstep.training.method import Batch, Phase, StepContext
 from fewstep.training.teacher import flow_noise
 
 PAIRS_FILE = "pairs.safetensors"

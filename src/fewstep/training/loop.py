@@ -32,7 +32,7 @@ from torch import nn
 from fewstep.errors import FewstepError
 from fewstep.io import load_tensors, load_torch_state, read_json, save_tensors, save_torch_state, write_json, write_text
 from fewstep.training.ema import EMA
-from fewstep.training.method import Batch, Method, Networks, Phase, StepContext, loss_value
+from fewstep.training.method import Batch, Method, Networks, StepContext, loss_value
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 

@@ -185,8 +185,7 @@ def make_accelerator(cfg: TrainConfig, find_unused_parameters: bool = False) -> 
     from accelerate.utils import DistributedDataParallelKwargs
 
     return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters,
-                                                                      broadcast_buffers=False)])
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)])
 
 
 def _rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:

@@ -312,3 +312,13 @@ def test_batch_must_divide_by_accumulation(tmp_path):
     with pytest.raises(FewstepError, match="must divide by processes x --grad-accum = 1 x 3"):
         train(EveryOther(), (X, None), _cfg(batch=32, grad_accum=3), tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_runs_in_other_precisions_in_one_process_and_the_record_says_where(tmp_path):
+    """accelerate keeps one state per process; a second run with another --mixed-precision used to fail."""
+    import json
+
+    for mp in ("no", "bf16"):
+        train(EveryOther(), (X, None), _cfg(steps=2, mixed_precision=mp), tmp_path / mp)
+        state = json.loads((tmp_path / mp / "checkpoints" / "step_00000002" / "state.json").read_text())
+        assert state["config"]["mixed_precision"] == mp and state["processes"] == 1

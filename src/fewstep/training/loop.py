@@ -184,8 +184,19 @@ def make_accelerator(cfg: TrainConfig, find_unused_parameters: bool = False) -> 
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)])
+    def make() -> Any:
+        return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1,
+                           kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)])
+
+    try:
+        return make()
+    except ValueError as e:  # accelerate keeps one state per process: a second run in another precision resets it
+        if "already been initialized" not in str(e):
+            raise
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
+        return make()
 
 
 def _rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -324,7 +335,8 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
             method.save_model(out, ema.module, {"method": method.name, "steps": step,
                                                 "wall_seconds": round(elapsed + time.perf_counter() - t0, 1),
                                                 "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
-                                                "ema_decay": cfg.ema_decay})
+                                                "ema_decay": cfg.ema_decay, "device": str(device),
+                                                "processes": world, "mixed_precision": cfg.mixed_precision})
         acc.wait_for_everyone()
 
     def log_record(step: int, now: float) -> dict[str, Any]:

@@ -319,6 +319,8 @@ def test_runs_in_other_precisions_in_one_process_and_the_record_says_where(tmp_p
     import json
 
     for mp in ("no", "bf16"):
-        train(EveryOther(), (X, None), _cfg(steps=2, mixed_precision=mp), tmp_path / mp)
+        m = EveryOther()
+        train(m, (X, None), _cfg(steps=2, mixed_precision=mp), tmp_path / mp)
+        assert "forward" not in vars(m.net) and "_original_forward" not in vars(m.net)  # as the method gave it
         state = json.loads((tmp_path / mp / "checkpoints" / "step_00000002" / "state.json").read_text())
         assert state["config"]["mixed_precision"] == mp and state["processes"] == 1

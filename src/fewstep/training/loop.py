@@ -276,6 +276,7 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
                      ph.betas, ph.eps) for ph, ps in zip(phases, params)]
 
     # trained modules through accelerate: DDP in a multi-process run (the method's own module stays what it calls)
+    ema = EMA(method.ema_target(), cfg.ema_decay)  # before accelerate patches forward methods (mixed precision)
     routes: dict[int, _Route] = {}
     for m in nets.trained.values():
         net = core(m)
@@ -285,7 +286,6 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
     phase_routes = [[r for r in routes.values() if {id(p) for p in r.module.parameters()} & {id(p) for p in ps}]
                     for ps in params]
 
-    ema = EMA(method.ema_target(), cfg.ema_decay)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 7_919 + rank)
     step, elapsed = 0, 0.0
     checkpointed = nets.checkpointed()
@@ -440,6 +440,12 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
             p.requires_grad_(True)
         for r in routes.values():
             r.restore()
+        for m in nets.trained.values():  # accelerate's mixed-precision forward, so the method's networks are as given
+            net = core(m)
+            if "_original_forward" in net.__dict__:
+                net.forward = net.__dict__.pop("_original_forward")
+                if getattr(net.forward, "__self__", None) is net and net.forward.__func__ is type(net).forward:
+                    del net.forward
     final = {k[5:]: v for k, v in (history[-1] if history else {}).items() if k.startswith("loss/")}
     return TrainResult(out, step, elapsed + time.perf_counter() - t0, final, history)
 

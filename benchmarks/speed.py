@@ -7,7 +7,11 @@
    runs (order flipped each round), and one run where the two loops alternate step by step (the hand step runs in
    the method's ``after_step`` hook, outside fewstep's timed span), so both see the same machine load.  With
    ``--breakdown`` (always in the full profile, and whenever the target is missed) every piece of per-step work
-   the fewstep loop adds is timed alone, next to the savings available to it.
+   the fewstep loop adds is timed alone, next to the saving it takes (fused AdamW).
+   Then processes: steps/s and samples/s of the same ``train`` run at the same *global* batch in 1 process and
+   in 2 processes (``torchrun --nproc_per_node 2 --standalone``, DDP over gloo through accelerate, each process
+   one torch thread and half the batch), both started as subprocesses running this script; the 2-process /
+   1-process ratio is reported as a figure, not against a target.
 2. Sampling: seconds per network evaluation of fewstep's ddim / euler / dpmpp-2m (``fewstep.generate.generate``,
    and the bare sampler function + ``Denoiser``) against the diffusers scheduler loop (set_timesteps,
    scale_model_input, unet, step) on the same UNet, batch, timesteps, labels and (for the bare function) noise,
@@ -17,8 +21,8 @@
 The machine is shared and noisy: contestants alternate within every round, warm-up is excluded, tables report
 medians and medians of per-round ratios, and the load average before and after.
 
-    python benchmarks/speed.py --quick            # about a minute
-    python benchmarks/speed.py --json speed.json  # the full profile (about 10 minutes on a busy 2-core box)
+    python benchmarks/speed.py --quick            # about 1.5 minutes
+    python benchmarks/speed.py --json speed.json  # the full profile (about 13 minutes on a busy 2-core box)
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import os
 import platform
 import pstats
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -70,14 +75,17 @@ class Profile:
     interleaved_steps: int  # timed steps of each step-by-step paired run
     sample_rounds: int
     sample_steps: tuple[int, ...]
+    procs_rounds: int = 1  # rounds of (1 process, 2 processes, 1 process at half the batch), who goes first rotating
+    procs_steps: int = 30  # timed steps of each run
+    procs_warmup: int = 5  # untimed steps at the start of each run (DDP builds its buckets in the first)
 
 
 # Even train_rounds balance the order (hand first / fewstep first); sample_rounds a multiple of 3 lets each of the
-# three sampling contestants go first, second and third equally often.
+# three sampling contestants go first, second and third equally often, and procs_rounds the three process runs.
 QUICK = Profile("quick", train_rounds=2, train_steps=20, train_warmup=5, interleaved_steps=30, sample_rounds=3,
-                sample_steps=(5,))
+                sample_steps=(5,), procs_rounds=1, procs_steps=40, procs_warmup=5)
 FULL = Profile("full", train_rounds=4, train_steps=60, train_warmup=10, interleaved_steps=120, sample_rounds=6,
-               sample_steps=(10, 25))
+               sample_steps=(10, 25), procs_rounds=3, procs_steps=120, procs_warmup=10)
 
 
 # --- results ---------------------------------------------------------------------------------------------
@@ -144,6 +152,43 @@ class TrainResult:
 
 
 @dataclass
+class ProcRun:
+    """One training run in ``processes`` processes, a subprocess of this script; times from each process's
+    ``after_step`` stamps after the warm-up (the processes meet in DDP's all-reduce every step)."""
+
+    round: int
+    processes: int
+    batch: int  # the global batch; each process takes batch / processes
+    steps_s: float  # wall-clock steps/s of the global batch (rank 0)
+    samples_s: float  # steps_s x the global batch
+    cpu_ms_per_step: float  # CPU ms per step, summed over the processes
+    rank_steps_s: list[float] = field(default_factory=list)  # every process's own wall steps/s
+    allreduce_scalar_ms: float = 0.0  # 2+ processes: median all-reduce of one float (the loop's non-finite check)
+    allreduce_grads_ms: float = 0.0  # ... of one float32 tensor the size of all gradients (DDP's traffic, unbucketed)
+    run_seconds: float = 0.0  # the whole subprocess, start-up and final save included
+
+
+@dataclass
+class ProcsResult:
+    """The same ``train`` run at the same global batch in 1 process and in 2 (torchrun, DDP over gloo), and as a
+    reference 1 process at half the batch: the work each of the 2 processes does, without communication."""
+
+    batch: int  # the global batch; each of the 2 processes takes half
+    timed_steps: int
+    warmup_steps: int
+    threads: int  # torch threads per process
+    cpus: int
+    runs: list[ProcRun]
+    one_steps_s: float  # medians over rounds
+    two_steps_s: float
+    half_steps_s: float  # 1 process at half the batch
+    ratio: float  # median of the per-round 2-process / 1-process steps/s: a figure, not a target
+    cpu_ratio: float  # median per-round CPU ms per step, 2 processes summed / 1 process (the cost of splitting)
+    ideal_ratio: float  # median per-round (1 process at half the batch) / 1 process: what 2 processes would reach
+    # with two free cores and free communication
+
+
+@dataclass
 class SampleRow:
     sampler: str
     steps: int
@@ -182,6 +227,7 @@ class Report:
     wall_seconds: float
     train: TrainResult | None
     sampling: list[SampleRow]
+    procs: ProcsResult | None = None
 
 
 @dataclass(frozen=True)
@@ -395,6 +441,120 @@ def bench_train(prof: Profile, batch: int, work: Path, log: Callable[[str], None
     return res
 
 
+# --- processes -------------------------------------------------------------------------------------------
+PROCS_CHILD = "--procs-child"  # hidden first argument: this script as one process of a measured training run
+
+
+def procs_command(processes: int, args: list[str]) -> list[str]:
+    """The command line running this script's child with ``args`` in ``processes`` processes: plain python for 1
+    (what ``fewstep train`` is), ``torchrun --nproc_per_node N --standalone`` otherwise (``accelerate launch --cpu
+    --num_processes 2`` starts one process with accelerate 1.15)."""
+    script = [str(Path(__file__).resolve()), PROCS_CHILD, *args]
+    if processes == 1:
+        return [sys.executable, *script]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--standalone",
+            *script]
+
+
+def run_procs(processes: int, steps: int, warmup: int, batch: int, work: Path, threads: int = 1,
+              round_: int = 0, timeout: float = 900) -> ProcRun:
+    """One training run of the tiny8 teacher in ``processes`` processes on the CPU (each with ``threads`` torch
+    threads), ``batch`` the global batch; every process writes its timing to ``work/rank<r>.json``."""
+    work.mkdir(parents=True, exist_ok=False)
+    cmd = procs_command(processes, ["--out", str(work), "--processes", str(processes), "--steps", str(steps),
+                                    "--warmup", str(warmup), "--batch", str(batch), "--threads", str(threads)])
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    seconds = time.perf_counter() - t0
+    if proc.returncode:
+        tail = (proc.stdout + proc.stderr).strip()[-6000:]
+        raise RuntimeError(f"{processes}-process training run failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+                           f"{tail}")
+    recs = sorted((json.loads(f.read_text()) for f in work.glob("rank*.json")), key=lambda r: r["rank"])
+    if [r["rank"] for r in recs] != list(range(processes)) or any(r["world"] != processes for r in recs):
+        raise RuntimeError(f"{processes}-process run reported ranks {[(r['rank'], r['world']) for r in recs]}")
+    head = recs[0]
+    return ProcRun(round_, processes, batch, head["steps_s"], head["steps_s"] * batch,
+                   sum(1e3 / r["cpu_steps_s"] for r in recs), [r["steps_s"] for r in recs],
+                   head.get("allreduce_scalar_ms", 0.0), head.get("allreduce_grads_ms", 0.0), seconds)
+
+
+def _allreduce_ms(t: torch.Tensor, reps: int = 30, warm: int = 3) -> float:
+    import torch.distributed as dist
+
+    ts = []
+    for k in range(warm + reps):
+        dist.barrier()
+        a = time.perf_counter()
+        dist.all_reduce(t)
+        if k >= warm:
+            ts.append(time.perf_counter() - a)
+    return 1e3 * median(ts)
+
+
+def procs_child(argv: list[str]) -> None:
+    """One process of a measured run (started by :func:`run_procs`): the same ``train`` as the training section."""
+    ap = argparse.ArgumentParser(prog=f"speed.py {PROCS_CHILD}")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--processes", type=int, required=True, help="the world size this run must have")
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--warmup", type=int, required=True)
+    ap.add_argument("--batch", type=int, required=True, help="the global batch")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    spec, _, ds = _teacher_spec()
+    torch.manual_seed(0)
+    method = _TimedTeacher(spec)
+    with quiet():
+        train(method, (ds.x, ds.y), _train_config(args.warmup + args.steps, args.batch), args.out / "run")
+    import torch.distributed as dist
+
+    dist_on = dist.is_available() and dist.is_initialized()
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist_on else (1, 0)
+    if world != args.processes:
+        raise SystemExit(f"this run has {world} process(es), {args.processes} were asked for")
+    wall, cpu = _rates(method.ends, args.warmup)
+    rec: dict[str, Any] = {"rank": rank, "world": world, "threads": torch.get_num_threads(), "steps_s": wall,
+                           "cpu_steps_s": cpu, "steps": len(method.ends)}
+    if world > 1:
+        n_params = sum(p.numel() for p in method.denoiser.net.parameters())
+        rec["allreduce_scalar_ms"] = _allreduce_ms(torch.zeros(()))
+        rec["allreduce_grads_ms"] = _allreduce_ms(torch.zeros(n_params))
+    (args.out / f"rank{rank}.json").write_text(json.dumps(rec) + "\n")
+    if dist_on:  # leave together: a process that exits while its peer still reads the last all-reduce aborts it
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def bench_procs(prof: Profile, batch: int, work: Path, log: Callable[[str], None], threads: int = 1) -> ProcsResult:
+    """Rounds of three runs: 1 process and 2 processes at the global ``batch``, and 1 process at half of it (the
+    work of one of the 2 processes, without communication); who goes first rotates each round."""
+    if batch % 2:
+        raise SystemExit(f"--batch {batch}: the 2-process run splits the global batch in two, use an even batch")
+    kinds = [(1, batch), (2, batch), (1, batch // 2)]
+    runs: list[ProcRun] = []
+    for r in range(prof.procs_rounds):
+        for k, b in kinds[r % 3:] + kinds[:r % 3]:
+            run = run_procs(k, prof.procs_steps, prof.procs_warmup, b, work / f"procs_round{r}_{k}x{b}", threads, r)
+            runs.append(run)
+            extra = (f"; all-reduce of 1 float {run.allreduce_scalar_ms:.2f} ms, of the gradients "
+                     f"{run.allreduce_grads_ms:.1f} ms" if k > 1 else "")
+            log(f"processes round {r + 1}/{prof.procs_rounds}: {k} process(es) x {threads} thread(s), global batch "
+                f"{b}: {run.steps_s:.2f} steps/s, {run.samples_s:.0f} samples/s, {run.cpu_ms_per_step:.0f} CPU "
+                f"ms/step (all processes){extra}; {run.run_seconds:.0f} s with start-up")
+    one = {x.round: x for x in runs if x.processes == 1 and x.batch == batch}
+    two = {x.round: x for x in runs if x.processes == 2}
+    half = {x.round: x for x in runs if x.processes == 1 and x.batch != batch}
+    return ProcsResult(batch, prof.procs_steps, prof.procs_warmup, threads, os.cpu_count() or 0, runs,
+                       median([x.steps_s for x in one.values()]), median([x.steps_s for x in two.values()]),
+                       median([x.steps_s for x in half.values()]),
+                       median([two[r].steps_s / one[r].steps_s for r in one]),
+                       median([two[r].cpu_ms_per_step / one[r].cpu_ms_per_step for r in one]),
+                       median([half[r].steps_s / one[r].steps_s for r in one]))
+
+
 def _time_ms(fn: Callable[[], Any], reps: int = 30, warm: int = 3) -> float:
     """Median CPU milliseconds of this process per call (robust to other jobs at 1 thread)."""
     for _ in range(warm):
@@ -414,7 +574,8 @@ def overhead_breakdown(spec: TeacherSpec, x: torch.Tensor, y: torch.Tensor, batc
     from rich.progress import Progress
 
     from fewstep.training.ema import EMA
-    from fewstep.training.loop import batch_indices, lr_factor
+    from fewstep.training.loop import _sync, batch_indices, lr_factor
+    from fewstep.training.method import StepContext, loss_value
 
     torch.manual_seed(0)
     method = TeacherMethod(spec)
@@ -424,11 +585,10 @@ def overhead_breakdown(spec: TeacherSpec, x: torch.Tensor, y: torch.Tensor, batc
     gen = torch.Generator().manual_seed(0)
     n = x.shape[0]
     xb, yb = x[:batch], y[:batch]
-    loss_fn((xb, yb), gen).mean().backward()  # populate .grad
-    params = [p for p in net.parameters() if p.grad is not None]
+    loss_fn((xb, yb), StepContext(0, gen)).mean().backward()  # populate .grad
+    params = list(net.parameters())  # the loop's phase parameters, listed once before the loop
     ema = EMA(net, 0.999)
     base = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(base, lambda s: lr_factor(s, 100, 10_000))
     empty = torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # no grads: step() is bookkeeping only
     wrapped = acc.prepare_optimizer(torch.optim.AdamW([torch.zeros(1, requires_grad=True)]))
     step = [0]
@@ -453,31 +613,44 @@ def overhead_breakdown(spec: TeacherSpec, x: torch.Tensor, y: torch.Tensor, batc
         def forward(self, a: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
             return a
 
+    def set_lr() -> None:  # what the loop does instead of an LR scheduler
+        step[0] += 1
+        factor = lr_factor(step[0], 100, 10_000)
+        for g in base.param_groups:
+            g["lr"] = 1e-3 * factor
+
+    def contexts() -> None:  # per step and micro-batch: the context managers around the loss, and its bookkeeping
+        ctx = [StepContext(step[0], gen, 0)]
+        with _sync([], last=True), acc.autocast():
+            per_sample, extra = loss_value(xb[:, 0, 0, 0])
+            loss = per_sample.float().mean() / 1
+        total = float(loss.detach())
+        del ctx, extra, total
+
     method.denoiser.net = _Identity()  # fewstep's loss around the network, the network replaced by the identity
-    fs_loss = _time_ms(lambda: loss_fn((xb, yb), gen).float().mean())
+    fs_loss = _time_ms(lambda: loss_fn((xb, yb), StepContext(0, gen)).float().mean())
     method.denoiser.net = net
     progress = Progress(disable=True)
     task = progress.add_task("x", total=10**9)
 
     return [
         Component("EMA.update", _time_ms(lambda: ema.update(net)), "foreach lerp over all parameters + buffers"),
-        Component("accelerate clip_grad_norm_", _time_ms(lambda: acc.clip_grad_norm_(params, 1.0)), "grad_clip=1.0"),
+        Component("clip_grad_norm_", _time_ms(lambda: torch.nn.utils.clip_grad_norm_(params, 1.0)), "grad_clip=1.0"),
         Component("batch_indices", _time_ms(draw) - _time_ms(hand_draw),
                   "seeded epoch permutation + 64-iteration Python loop, minus randint + index"),
         Component("AcceleratedOptimizer.step wrapper", _time_ms(wrapped.step, 100) - _time_ms(empty.step, 100),
                   "accelerate's per-step checks (is_lomo_available -> importlib find_spec, twice)"),
-        Component("LambdaLR.step", _time_ms(sched.step, 100), "warm-up + cosine"),
+        Component("learning rate set per param group", _time_ms(set_lr, 100), "warm-up + cosine of the global step"),
         Component("regression_loss outside the network", fs_loss - _time_ms(hand_loss),
-                  "float64 sigma, timestep lookup, label dropout; minus hand add_noise + MSE"),
+                  "StepContext, float64 sigma, timestep lookup, label dropout; minus hand add_noise + MSE"),
+        Component("sync + autocast contexts, loss bookkeeping", _time_ms(contexts, 100),
+                  "_sync, accelerate autocast (off), loss_value, mean, float(loss): per micro-batch"),
         Component("rich Progress.update (disabled)", _time_ms(lambda: progress.update(task, advance=1), 100)),
-        Component("parameter list rebuilt every step", _time_ms(lambda: [q for q in net.parameters()
-                                                                         if q.grad is not None], 100),
-                  "loop.py: [p for p in ph.module.parameters() if p.grad is not None]"),
     ]
 
 
 def possible_savings(spec: TeacherSpec) -> list[Component]:
-    """Per-step savings available to the fewstep loop, measured on the same network (CPU ms, median)."""
+    """Per-step savings the fewstep loop takes over the hand loop, measured on the same network (CPU ms, median)."""
     torch.manual_seed(0)
     net = TeacherMethod(spec).denoiser.net
     for q in net.parameters():
@@ -487,7 +660,8 @@ def possible_savings(spec: TeacherSpec) -> list[Component]:
     ms = {kind: _time_ms(o.step, 20) for kind, o in adam.items()}
     return [
         Component("AdamW(fused=True) instead of the default for-loop", ms["default"] - ms["fused"],
-                  f"AdamW.step {ms['default']:.2f} -> {ms['fused']:.2f} ms (foreach=True: {ms['foreach']:.2f})"),
+                  f"AdamW.step {ms['default']:.2f} -> {ms['fused']:.2f} ms (foreach=True: {ms['foreach']:.2f}); the "
+                  "loop takes it (fused where supported), the hand loop does not"),
     ]
 
 
@@ -675,9 +849,38 @@ def _tables(rep: Report) -> list[Table]:
             hand_cpu_ms = 1e3 / median([rd.hand_cpu_steps_s for rd in tr.rounds])
             rows.append(["sum", f"{total:.2f}", f"{100 * total / hand_cpu_ms:.1f}% of a hand step "
                          f"({hand_cpu_ms:.0f} CPU ms)"])
-            rows += [[f"possible saving: {c.name}", f"{-c.ms_per_step:.2f}", c.note] for c in tr.savings]
+            rows += [[f"saving: {c.name}", f"{-c.ms_per_step:.2f}", c.note] for c in tr.savings]
             out.append(("What the fewstep loop does per step beyond the hand loop, each timed alone (CPU ms, median)",
                         ["component", "ms/step", "note"], rows))
+    if rep.procs is not None:
+        pr = rep.procs
+        rows = []
+        for x in pr.runs:
+            base = next(o for o in pr.runs if o.round == x.round and o.processes == 1 and o.batch == pr.batch)
+            rows.append([str(x.round + 1), str(x.processes), str(x.batch), str(x.batch // x.processes),
+                         f"{x.steps_s:.2f}", f"{x.samples_s:.0f}", f"{x.cpu_ms_per_step:.0f}",
+                         f"{x.steps_s / base.steps_s:.2f}" if x is not base else ""])
+        half = pr.batch // 2
+        rows += [["median", "1", str(pr.batch), str(pr.batch), f"{pr.one_steps_s:.2f}",
+                  f"{pr.one_steps_s * pr.batch:.0f}", "", ""],
+                 ["median", "2", str(pr.batch), str(half), f"{pr.two_steps_s:.2f}", f"{pr.two_steps_s * pr.batch:.0f}",
+                  "", f"{pr.ratio:.2f}"],
+                 ["median", "1", str(half), str(half), f"{pr.half_steps_s:.2f}", f"{pr.half_steps_s * half:.0f}", "",
+                  f"{pr.ideal_ratio:.2f}"]]
+        two = [x for x in pr.runs if x.processes > 1]
+        comm = (f" Between the 2 processes an all-reduce of the gradients (one tensor) took "
+                f"{median([x.allreduce_grads_ms for x in two]):.1f} ms and of one float (the loop's per-step "
+                f"non-finite check) {median([x.allreduce_scalar_ms for x in two]):.2f} ms (medians).") if two else ""
+        out.append((f"Processes: the same fewstep train run (tiny8, digits, global batch {pr.batch}, {pr.timed_steps} "
+                    f"timed steps after {pr.warmup_steps} warm-up) in 1 process x {pr.threads} torch thread (python) "
+                    f"and in 2 processes x {pr.threads} thread each (torchrun, DDP over gloo, half the batch each) "
+                    f"on this {pr.cpus}-CPU machine. 2-process / 1-process steps/s: {pr.ratio:.2f} (median of "
+                    f"per-round ratios; a figure, not a target: 2.00 would be perfect use of a second core); CPU "
+                    f"per step, both processes together / one: {pr.cpu_ratio:.2f}. The third run, 1 process at "
+                    f"batch {half} (one process's share, no communication), bounds what 2 processes can reach: "
+                    f"{pr.ideal_ratio:.2f}.{comm}",
+                    ["round", "processes", "global batch", "batch/process", "steps/s", "samples/s",
+                     "CPU ms/step (all)", "steps/s vs 1 process"], rows))
     if rep.sampling:
         rows = [[s.sampler, str(s.steps), str(s.nfe), str(s.n), f"{1e3 * s.diffusers_s_per_nfe:.1f}",
                  f"{1e3 * s.generate_s_per_nfe:.1f}", f"{s.generate_ratio:.3f}", f"{s.generate_min_ratio:.3f}",
@@ -727,7 +930,7 @@ def print_report(rep: Report, plain: bool) -> None:
     for title, cols, rows in tables:
         table = RichTable(title=title, title_justify="left")
         for c in cols:
-            left = ("round", "order", "sampler", "component", "note", "contestant")
+            left = ("round", "order", "sampler", "component", "note", "contestant", "processes")
             table.add_column(c, justify="left" if c in left else "right")
         for r in rows:
             table.add_row(*(Text(v) for v in r))  # Text: no markup parsing of "[...]" in notes
@@ -752,7 +955,7 @@ def quiet() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> Report:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer steps and rounds (about a minute)")
+    ap.add_argument("--quick", action="store_true", help="fewer steps and rounds (about 1.5 minutes)")
     ap.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON")
     ap.add_argument("--model", type=Path, metavar="DIR", help="model folder to sample (default: an untrained tiny8 "
                     "class-conditional teacher built in a temporary folder)")
@@ -760,7 +963,8 @@ def main(argv: list[str] | None = None) -> Report:
     ap.add_argument("--batch", type=int, default=64, help="training batch size")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: on a shared 2-core "
                     "machine 2 OpenMP threads per process can stall 10-100x when other jobs run)")
-    ap.add_argument("--only", choices=("train", "sample"), help="run one half only")
+    ap.add_argument("--only", choices=("train", "procs", "sample"), help="run one part only: train (the training "
+                    "half: fewstep vs the hand loop, then 1 vs 2 processes), procs (1 vs 2 processes only) or sample")
     ap.add_argument("--breakdown", action="store_true", help="time what the fewstep loop adds per step in --quick too "
                     "(the full profile always does, --quick when the target is missed)")
     ap.add_argument("--profile", action="store_true", help="print a cProfile (by own time) of one fewstep run")
@@ -783,19 +987,22 @@ def main(argv: list[str] | None = None) -> Report:
     with quiet(), tempfile.TemporaryDirectory(prefix="fewstep-speed-") as tmp:
         work = Path(tmp)
         train_res = None
-        if args.only != "sample":
+        if args.only in (None, "train"):
             breakdown = True if args.breakdown or not args.quick else None  # None: only when the target is missed
             train_res = bench_train(prof, args.batch, work, log, breakdown=breakdown)
             if args.profile:
                 spec, _, ds = _teacher_spec()
                 print(profile_train(spec, (ds.x, ds.y), prof.train_warmup + prof.train_steps, args.batch,
                                     work / "profile"))
+        procs_res = None
+        if args.only in (None, "train", "procs"):
+            procs_res = bench_procs(prof, args.batch, work, log, args.threads)
         rows: list[SampleRow] = []
-        if args.only != "train":
+        if args.only in (None, "sample"):
             model = load_model(args.model) if args.model else build_model(work)
             rows = bench_sampling(model, prof, args.n, log)
     rep = Report(prof.name, " ".join([Path(sys.executable).name, *sys.argv]), env, load_before, loadavg(),
-                 time.perf_counter() - t0, train_res, rows)
+                 time.perf_counter() - t0, train_res, rows, procs_res)
     print_report(rep, args.plain)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -805,4 +1012,7 @@ def main(argv: list[str] | None = None) -> Report:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == [PROCS_CHILD]:
+        procs_child(sys.argv[2:])
+    else:
+        main()

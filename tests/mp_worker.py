@@ -101,6 +101,9 @@ def main() -> None:
     if rank == 0:
         write_json(args.out / "world.json", {"world": world, "history": res.history})
     print(json.dumps({"rank": rank, "world": world}))
+    if world > 1:  # leave together: a rank that exits while another still talks to it can abort the pair
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

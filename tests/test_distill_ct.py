@@ -16,6 +16,7 @@ from fewstep.generate import generate, resolve_timesteps
 from fewstep.io import load_tensors
 from fewstep.models.folder import LoadedModel, build_denoiser, load_model
 from fewstep.training.loop import TrainConfig, train
+from fewstep.training.method import StepContext
 
 ITERS = 1000  # measured (gmm, batch 256, lr 1e-3, one thread, ~17 s): 1-step SWD 0.08-0.11 over seeds 0-2
 
@@ -94,7 +95,7 @@ def test_ct_loss_is_weighted_pseudo_huber_between_adjacent_levels():
     x0 = torch.randn(64, 2)
     (phase,) = m.phases()
     gen = torch.Generator().manual_seed(3)
-    got = phase.loss((x0, None), gen)
+    got = phase.loss((x0, None), StepContext(0, gen))  # the loop's StepContext carries the seeded generator
     assert got.shape == (64,) and bool((got >= 0).all()) and got.requires_grad
     # replay the same draws by hand
     gen = torch.Generator().manual_seed(3)

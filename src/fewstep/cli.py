@@ -75,43 +75,19 @@ def train(
                                          "settings (other training flags are ignored).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of initialization, data order and noise.")] = 0,
     mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16 (through accelerate).")] = "no",
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step (the global batch must divide "
+                                            "by processes x grad_accum).")] = 1,
     beta_schedule: Annotated[str, typer.Option(help="ddpm: linear, scaled_linear or squaredcos_cap_v2.")] = "linear",
 ) -> None:
     """Train a teacher (DDPM, EDM or flow matching). Works unchanged under `accelerate launch -m fewstep train`."""
-    import torch
-
-    from fewstep.data.datasets import load_dataset
-    from fewstep.models.backbones import default_preset, preset_backbone
     from fewstep.training.loop import TrainConfig
-    from fewstep.training.loop import train as run
-    from fewstep.training.teacher import TeacherMethod, TeacherSpec
+    from fewstep.training.teacher import TeacherOptions, train_teacher
 
-    ds = load_dataset(data, "train")
-    if conditional and not ds.num_classes:
-        raise FewstepError(f"--conditional needs labels and {data} has none: drop --conditional")
-    num_classes = ds.num_classes if conditional else 0
-    kind, bcfg = preset_backbone(preset or default_preset(ds.sample_shape), ds.sample_shape, num_classes)
-    torch.manual_seed(seed)
-    method = TeacherMethod(TeacherSpec(objective=objective, prediction=prediction, backbone=kind,
-                                       backbone_config=bcfg, sample_shape=ds.sample_shape, num_classes=num_classes,
-                                       data=data, beta_schedule=beta_schedule))
     cfg = TrainConfig(steps=steps, batch=batch, lr=lr, ema_decay=ema_decay, ckpt_every=ckpt_every, seed=seed,
-                      mixed_precision=mixed_precision, progress=sys.stderr.isatty())
-    if resume:
-        saved = Path(out) / "config.json"
-        if saved.is_file():  # rebuild the network the run was started with
-            import json
-
-            from fewstep.io import read_json
-
-            prior = read_json(saved)
-            now = json.loads(json.dumps(method.config.to_json()))  # tuples -> lists, as saved
-            differ = [k for k in ("backbone", "backbone_config", "prediction", "schedule", "data", "num_classes")
-                      if prior.get(k) != now.get(k)]
-            if differ:
-                raise FewstepError(f"--resume: {out} was started with other settings ({', '.join(differ)}): pass the "
-                                   "same --data/--preset/--objective/--prediction/--conditional/--beta-schedule")
-    result = run(method, (ds.x, ds.y if num_classes else None), cfg, out, resume=resume)
+                      grad_accum=grad_accum, mixed_precision=mixed_precision, progress=sys.stderr.isatty())
+    result = train_teacher(TeacherOptions(data=data, preset=preset, objective=objective, prediction=prediction,
+                                          conditional=conditional, beta_schedule=beta_schedule, seed=seed),
+                           cfg, out, resume=resume)
     loss = ", ".join(f"{k} {v:.4f}" for k, v in result.final_loss.items())
     loss = f"final loss {loss}" if loss else "the run had already finished: nothing to do"
     out_console.print(f"trained {result.steps} steps in {result.wall_seconds:.1f} s ({loss}); model folder: {out}",
@@ -121,7 +97,8 @@ def train(
 @app.command()
 @_friendly
 def sample(
-    model: Annotated[Path, typer.Option(help="A fewstep model folder, a diffusers pipeline or a UNet folder.")],
+    model: Annotated[Path, typer.Option(help="A fewstep model folder, a diffusers pipeline or a UNet folder, or a "
+                                        "distillation run (--out of distill: its student).")],
     out: Annotated[Path, typer.Option(help=".npy: raw array (N, C, H, W) in the data range; .png: a grid.")],
     sampler: Annotated[str | None, typer.Option(help="ddpm, ddim, euler, heun, dpmpp-2m or consistency (default: the "
                                                    "model's recorded sampler).")] = None,
@@ -144,15 +121,11 @@ def sample(
     import numpy as np
     import torch
 
-    from fewstep.generate import class_labels, generate, resolve_timesteps
+    from fewstep.generate import sample_model
     from fewstep.images import write_samples
-    from fewstep.models.folder import load_model
 
     if out.suffix not in (".npy", ".png"):
         raise FewstepError(f"--out {out}: use a .npy (raw array) or .png (picture) file name")
-    m = load_model(model)
-    defaults = m.config.sampling
-    ts = resolve_timesteps(m, steps, spacing, _parse_timesteps(timesteps))
     lat = None
     if latents is not None:
         if not latents.is_file():
@@ -161,11 +134,9 @@ def sample(
             lat = torch.from_numpy(np.load(latents, allow_pickle=False)).float()
         except (ValueError, TypeError, EOFError, OSError) as e:
             raise FewstepError(f"--latents {latents} is not a numeric .npy array ({e})") from None
-        n = lat.shape[0] if lat.ndim > 0 else n
-    labels = class_labels(m, n, class_)
-    res = generate(m, sampler or defaults.sampler, ts, n, seed=seed, labels=labels,
-                   guidance=guidance if guidance is not None else defaults.guidance, eta=eta, latents=lat,
-                   batch_size=batch_size)
+    res = sample_model(model, n, sampler=sampler, steps=steps, spacing=spacing, timesteps=_parse_timesteps(timesteps),
+                       guidance=guidance, class_id=class_, seed=seed, eta=eta, latents=lat, batch_size=batch_size)
+    n, ts = res.x.shape[0], res.timesteps
     write_samples(out, res.x)
     out_console.print(f"{n} samples with {res.sampler} at {len(ts)} steps ({res.nfe} NFE per sample) in "
                       f"{res.wall_seconds:.2f} s ({res.samples_per_s:.1f} samples/s) -> {out}",

@@ -1,11 +1,22 @@
-"""`fewstep distill`: registered on the main typer app by fewstep.cli; methods come from fewstep.distill's registry."""
+"""`fewstep distill`: registered on the main typer app by fewstep.cli; methods and their options come from the
+recipe layer (fewstep.training.recipe), never from a list here.
+
+Options live in one namespace per method (its own and the loop's): `--set key=value` and `--config FILE.yaml` set
+any of them; the flags below are the older spelling of the options of the same name and stay accepted, but a
+flag the chosen method does not have is an error naming the options it has.  `--method NAME --help` prints
+that method's options."""
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from fewstep.errors import FewstepError
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _range(text: str | None) -> tuple[float, float] | None:
@@ -20,72 +31,102 @@ def _range(text: str | None) -> tuple[float, float] | None:
     return lo, hi
 
 
+def _method_in(args: list[str]) -> str | None:
+    for i, a in enumerate(args):
+        if a == "--method" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--method="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _methods_epilog() -> str:
+    from fewstep.training.recipe import discover
+
+    found = discover("distill")
+    return ("Methods: " + "; ".join(f"{name} ({r.summary.split(':')[0]})" for name, r in found.items())
+            + ". `fewstep distill --method NAME --help` lists a method's options.")
+
+
 def register(app: typer.Typer, friendly, out_console) -> None:
-    @app.command()
+    def method_help(name: str) -> None:
+        from fewstep.training.recipe import get_recipe, options_help
+
+        out_console.print(options_help(get_recipe("distill", name)), markup=False, highlight=False, soft_wrap=True,
+                          end="")
+
+    class DistillCommand(TyperCommand):
+        """`--help` together with `--method NAME` (in any order) prints that method's options; `--help` alone the
+        command's help followed by the registered methods."""
+
+        def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+            if "--help" in args:
+                name = _method_in(args)
+                if name is not None:
+                    friendly(method_help)(name)
+                    ctx.exit(0)
+                self.epilog = _methods_epilog()
+            return super().parse_args(ctx, args)
+
+    @app.command(cls=DistillCommand)
     @friendly
     def distill(
         out: Annotated[Path, typer.Option(help="New folder (or the run to --resume): the student is OUT/student, "
-                                          "earlier stages sit beside it.")],
+                                          "earlier stages sit beside it; `--model OUT` loads the student.")],
         teacher: Annotated[Path | None, typer.Option(help="Teacher model folder (fewstep or diffusers); not "
                                                      "used by ct.")] = None,
-        method: Annotated[str, typer.Option(help="progressive, guided, consistency, ct or reflow.")] = "progressive",
-        steps: Annotated[int, typer.Option(help="Student sampling steps (NFE per sample), e.g. 1, 2 or 4.")] = 1,
+        method: Annotated[str, typer.Option(help="The method (progressive, guided, consistency, ct, reflow, ...); "
+                                            "`--method NAME --help` lists its options.")] = "progressive",
         data: Annotated[str | None, typer.Option(help="Training data (default: the teacher's recorded dataset).")]
         = None,
-        iters: Annotated[int, typer.Option(help="Optimizer steps per stage.")] = 1000,
+        set_: Annotated[list[str] | None, typer.Option(
+            "--set", help="KEY=VALUE: set one of the method's or the loop's options (repeatable; wins over the "
+                          "flags and --config).")] = None,
+        config: Annotated[Path | None, typer.Option(help="YAML mapping of option names to values (below the flags "
+                                                    "and --set).")] = None,
+        steps: Annotated[int | None, typer.Option(help="Student sampling steps (NFE per sample), e.g. 1, 2 or 4.")]
+        = None,
+        iters: Annotated[int | None, typer.Option(help="Optimizer steps per stage (default 1000).")] = None,
         reparam_iters: Annotated[int | None, typer.Option(help="progressive, guided, consistency: steps of the "
                                                           "eps -> v re-parameterization stage (default: --iters).")]
         = None,
-        batch: Annotated[int, typer.Option(help="Batch size.")] = 64,
-        lr: Annotated[float, typer.Option(help="Learning rate.")] = 3e-4,
-        guidance: Annotated[float, typer.Option(help="Distil the teacher guided at this scale (1: none).")] = 1.0,
+        batch: Annotated[int | None, typer.Option(help="Global batch size (default 64).")] = None,
+        lr: Annotated[float | None, typer.Option(help="Learning rate (default 3e-4).")] = None,
+        guidance: Annotated[float | None, typer.Option(help="Distil the teacher guided at this scale (1: none).")]
+        = None,
         guidance_range: Annotated[str | None, typer.Option(help="LO,HI: the student takes the guidance scale as "
                                                            "an input (guided; consistency as in LCM).")] = None,
-        loss: Annotated[str, typer.Option(help="consistency, ct, reflow: huber (pseudo-Huber) or l2.")] = "huber",
-        start_steps: Annotated[int, typer.Option(help="progressive, guided: student steps of the first round "
-                                                 "(the teacher takes twice as many DDIM steps).")] = 32,
-        teacher_steps: Annotated[int, typer.Option(help="consistency: N of the skipping-step grid; reflow: "
-                                                   "teacher solver steps for the pairs.")] = 50,
-        pairs: Annotated[int, typer.Option(help="reflow: noise -> sample pairs drawn from the teacher.")] = 4000,
+        loss: Annotated[str | None, typer.Option(help="consistency, ct, reflow: huber (pseudo-Huber) or l2.")]
+        = None,
+        start_steps: Annotated[int | None, typer.Option(help="progressive, guided: student steps of the first round "
+                                                        "(the teacher takes twice as many DDIM steps).")] = None,
+        teacher_steps: Annotated[int | None, typer.Option(help="consistency: N of the skipping-step grid; reflow: "
+                                                          "teacher solver steps for the pairs.")] = None,
+        pairs: Annotated[int | None, typer.Option(help="reflow: noise -> sample pairs drawn from the teacher.")]
+        = None,
         preset: Annotated[str | None, typer.Option(help="ct: network preset (default: by data shape).")] = None,
-        ema_target: Annotated[float, typer.Option(help="consistency: target network EMA decay.")] = 0.95,
-        ema_decay: Annotated[float, typer.Option(help="Evaluation EMA decay (the exported weights).")] = 0.999,
-        seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+        ema_target: Annotated[float | None, typer.Option(help="consistency: target network EMA decay.")] = None,
+        ema_decay: Annotated[float | None, typer.Option(help="Evaluation EMA decay (the exported weights).")] = None,
+        seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+        grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
+        mixed_precision: Annotated[str | None, typer.Option(help="no, fp16 or bf16 (through accelerate).")] = None,
         resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in OUT exactly.")]
         = False,
     ) -> None:
-        """Distil a teacher into a few-step student (a model folder that `sample`, `evaluate` and `bench` take)."""
-        from fewstep.data.datasets import load_dataset
-        from fewstep.distill import DistillContext, DistillOptions, get_method
-        from fewstep.distill import distill as run
-        from fewstep.models.folder import load_model
-        from fewstep.training.loop import TrainConfig
+        """Distil a teacher into a few-step student (a model folder that `sample`, `evaluate` and `bench` take).
 
-        m = get_method(method)
-        if resume and not out.is_dir():
-            raise FewstepError(f"--resume: {out} does not exist (run without --resume first)")
-        if not resume and out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise FewstepError(f"{out} exists and is not empty: choose a new --out or pass --resume")
-        if steps < 1 or iters < 1 or batch < 1:
-            raise FewstepError("--steps, --iters and --batch must be at least 1")
-        if m.needs_teacher and teacher is None:
-            raise FewstepError(f"method {method!r} needs --teacher")
-        model = load_model(teacher) if teacher is not None and m.needs_teacher else None
-        name = data or (model.config.data if model else None)
-        if name is None:
-            raise FewstepError(f"{teacher or 'the method'} does not record its dataset: pass --data")
-        ds = load_dataset(name, "train")
-        if model is not None and tuple(ds.sample_shape) != tuple(model.sample_shape):
-            raise FewstepError(f"--data {name} has samples of shape {ds.sample_shape}, the teacher makes "
-                               f"{tuple(model.sample_shape)}")
-        labels = ds.y if (model.config.num_classes if model else ds.num_classes) else None
-        opts = DistillOptions(steps=steps, iters=iters, reparam_iters=reparam_iters, guidance=guidance,
-                              guidance_range=_range(guidance_range),
-                              loss=loss, start_steps=start_steps, teacher_steps=teacher_steps, pairs=pairs,
-                              preset=preset, ema_target=ema_target)
-        cfg = TrainConfig(batch=batch, lr=lr, warmup=min(100, iters // 10), seed=seed, ckpt_every=max(1, iters // 4),
-                          ema_decay=ema_decay, progress=True)
-        ctx = DistillContext(model, teacher if model else None, (ds.x, labels), name, out, opts, cfg, resume=resume)
-        res = run(method, ctx)
-        out_console.print(f"student ({steps} steps, {method}): {res.student}  [distillation {res.wall_seconds:.0f} s]",
+        Every option error (an unknown name, a bad value) is reported before anything is written."""
+        from fewstep.training.recipe import start
+
+        given = dict(steps=steps, iters=iters, reparam_iters=reparam_iters, guidance=guidance,
+                     guidance_range=_range(guidance_range), loss=loss, start_steps=start_steps,
+                     teacher_steps=teacher_steps, pairs=pairs, preset=preset, ema_target=ema_target,
+                     ema_decay=ema_decay, batch=batch, lr=lr, seed=seed, grad_accum=grad_accum,
+                     mixed_precision=mixed_precision)
+        values = {k: v for k, v in given.items() if v is not None}
+        res = start("distill", method, out, teacher=teacher, data=data, config=config, values=values,
+                    sets=set_ or (), resume=resume, label=_flag)
+        student_steps = getattr(res.options, "steps", None)
+        what = f"{student_steps} steps, {method}" if student_steps is not None else method
+        out_console.print(f"student ({what}): {res.student}  [distillation {res.wall_seconds:.0f} s]",
                           markup=False, soft_wrap=True)

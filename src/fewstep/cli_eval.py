@@ -7,8 +7,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fewstep.errors import FewstepError
-
 
 def _fmt(v) -> str:
     if v is None:
@@ -43,33 +41,20 @@ def register(app: typer.Typer, friendly, out_console, parse_timesteps, help_text
                                                 "slow on CPU, biased at small n).")] = False,
     ) -> None:
         """Sample a model and measure FD, KID, precision/recall, class accuracy and cost against the test split."""
-        from fewstep.data.datasets import DATASETS, dataset_info
-        from fewstep.evaluate.runner import default_n, evaluate_samples
-        from fewstep.generate import class_labels, generate, resolve_timesteps
+        from fewstep.evaluate.runner import default_n, evaluate_samples, model_dataset
+        from fewstep.generate import sample_model
         from fewstep.io import write_json
         from fewstep.models.folder import load_model
 
         m = load_model(model)
-        dataset = data or m.config.data
-        if dataset is None:
-            raise FewstepError(f"{model} does not record its dataset: pass --data NAME (one of {', '.join(DATASETS)})")
-        if dataset not in DATASETS:
-            raise FewstepError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
-        shape, classes = dataset_info(dataset)
-        if tuple(m.sample_shape) != tuple(shape):
-            raise FewstepError(f"the model makes samples of shape {tuple(m.sample_shape)} but {dataset} has "
-                               f"{tuple(shape)}: pass the --data the model was trained on")
-        if m.config.num_classes and m.config.num_classes != classes:
-            raise FewstepError(f"the model has {m.config.num_classes} classes but {dataset} has {classes}")
+        dataset = model_dataset(m, data)
         if inception:
             from fewstep.evaluate.inception import _network
 
             _network()  # fail early with the install hint
         n = n or default_n(dataset)
-        ts = resolve_timesteps(m, steps, spacing, parse_timesteps(timesteps))
-        d = m.config.sampling
-        res = generate(m, sampler or d.sampler, ts, n, seed=seed, labels=class_labels(m, n, None),
-                       guidance=guidance if guidance is not None else d.guidance, eta=eta, batch_size=batch_size)
+        res = sample_model(m, n, sampler=sampler, steps=steps, spacing=spacing, timesteps=parse_timesteps(timesteps),
+                           guidance=guidance, seed=seed, eta=eta, batch_size=batch_size)
         row = evaluate_samples(dataset, str(model), res, seed)
         js = row.to_json()
         if inception:

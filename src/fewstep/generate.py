@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -115,3 +116,24 @@ def generate(model: LoadedModel, sampler: str, timesteps: list[float], n: int, s
     batches = (n + batch_size - 1) // batch_size
     return SampleResult(torch.cat(outs), labels, sampler, list(timesteps), guidance, counter.nfe // max(1, batches),
                         wall)
+
+
+def sample_model(model: LoadedModel | str | Path, n: int = 64, *, sampler: str | None = None, steps: int | None = None,
+                 spacing: str | None = None, timesteps: list[float] | None = None, guidance: float | None = None,
+                 class_id: int | None = None, seed: int = 0, eta: float = 0.0, latents: torch.Tensor | None = None,
+                 batch_size: int = 256) -> SampleResult:
+    """Sample a model (a loaded one or any folder :func:`~fewstep.models.folder.load_model` takes) the way ``fewstep
+    sample`` does: what is not given comes from the model's recorded defaults (sampler, steps or timesteps,
+    guidance); labels cycle through the classes unless ``class_id`` is given; ``latents`` (n, *shape) replace the
+    seeded noise."""
+    if not isinstance(model, LoadedModel):
+        from fewstep.models.folder import load_model
+
+        model = load_model(model)
+    d = model.config.sampling
+    ts = resolve_timesteps(model, steps, spacing, timesteps)
+    if latents is not None and latents.ndim > 0:
+        n = latents.shape[0]
+    return generate(model, sampler or d.sampler, ts, n, seed=seed, labels=class_labels(model, n, class_id),
+                    guidance=d.guidance if guidance is None else guidance, eta=eta, latents=latents,
+                    batch_size=batch_size)

@@ -1,15 +1,19 @@
-"""Distillation methods, one module each, all behind :mod:`fewstep.distill.base` (registry, options, stages).
+"""Distillation methods, one module each, on the recipe layer (:mod:`fewstep.training.recipe`).
 
-Importing this package registers every method: progressive (Salimans & Ho 2022), guided (Meng et al. 2023),
-consistency distillation (Song et al. 2023 / LCM), consistency training (Song & Dhariwal 2023) and rectified-flow
-reflow (Liu et al. 2022 / InstaFlow).
+Every module of this package is imported on first use of the registry (``get_method``, ``fewstep distill``) and
+registers its method, so adding a method is adding a module: progressive (Salimans & Ho 2022), guided (Meng et
+al. 2023), consistency distillation (Song et al. 2023 / LCM), consistency training (Song & Dhariwal 2023) and
+rectified-flow reflow (Liu et al. 2022 / InstaFlow) today.
 """
 
-from importlib import import_module
+from fewstep.distill.base import DistillContext, DistillOptions, DistillResult, RunContext, distill, get_method
 
-from fewstep.distill.base import METHODS, DistillContext, DistillOptions, DistillResult, distill, get_method
 
-for _module in ("progressive", "guided", "consistency", "ct", "reflow"):
-    import_module(f"fewstep.distill.{_module}")
+def methods() -> dict:
+    """Every registered distillation method by name (name -> Recipe)."""
+    from fewstep.training.recipe import discover
 
-__all__ = ["METHODS", "DistillContext", "DistillOptions", "DistillResult", "distill", "get_method"]
+    return discover("distill")
+
+
+__all__ = ["DistillContext", "DistillOptions", "DistillResult", "RunContext", "distill", "get_method", "methods"]

@@ -22,14 +22,16 @@ latent consistency models (Luo et al. 2023, "Latent Consistency Models"), for a 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from fewstep.distill.base import STUDENT, DistillContext, DistillMethod, distance, register
-from fewstep.distill.progressive import Reparameterize, _Base, _ddim
+from fewstep.distill.base import KIND, STUDENT, Options, Recipe, RunContext, check_loss, distance, opt, register
+from fewstep.distill.guided import check_range
+from fewstep.distill.progressive import Reparameterize, _Base, _ddim, check_iters
 from fewstep.errors import FewstepError
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.folder import ModelConfig, SamplingDefaults, load_model, save_model
@@ -88,8 +90,35 @@ class ConsistencyDistill(_Base):
         save_model(out, cfg, net)
 
 
-def consistency_stages(ctx: DistillContext) -> Path:
-    o = ctx.options
+@dataclass
+class ConsistencyOptions(Options):
+    steps: int = opt(1, "sampling steps the student records (multistep consistency sampling takes any number)")
+    teacher_steps: int = opt(50, "N of the teacher's skipping-step DDIM grid (skip (T-1)/N timesteps)")
+    guidance: float = opt(1.0, "distil the teacher guided at this scale (1: none)")
+    guidance_range: tuple[float, float] | None = opt(None, "LO,HI: w drawn per example and given to the student "
+                                                           "as an input (LCM); instead of guidance")
+    loss: str = opt("huber", "huber (pseudo-Huber) or l2")
+    ema_target: float = opt(0.95, "EMA decay of the target network (Song et al. 2023: 0.95)")
+    reparam_iters: int | None = opt(None, "steps of the eps -> v re-parameterization stage (default: iters)")
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.teacher_steps < 1:
+            raise FewstepError(f"steps {self.steps}, teacher_steps {self.teacher_steps}: give at least 1")
+        check_loss(self.loss)
+        check_range(self.guidance_range)
+        check_iters("reparam_iters", self.reparam_iters)
+        if not 0.0 <= self.ema_target <= 1.0:
+            raise FewstepError(f"ema_target {self.ema_target}: give a decay in [0, 1]")
+        if self.guidance != 1.0 and self.guidance_range:
+            raise FewstepError("give --guidance (one scale baked in) or --guidance-range (w as an input), not both")
+
+    @classmethod
+    def for_tests(cls) -> ConsistencyOptions:
+        return cls(steps=1, teacher_steps=10)
+
+
+def consistency_stages(ctx: RunContext) -> Path:
+    o: ConsistencyOptions = ctx.options
     model, guidance, w_range = ctx.teacher, o.guidance, o.guidance_range
     assert model is not None
     if model.denoiser.takes_guidance:
@@ -106,6 +135,7 @@ def consistency_stages(ctx: DistillContext) -> Path:
     return ctx.stage(method, STUDENT)
 
 
-register(DistillMethod(
-    "consistency", consistency_stages,
-    "Song et al. 2023 / LCM: skipping-step DDIM teacher, EMA target, pseudo-Huber; multistep consistency sampling."))
+register(Recipe(
+    "consistency", KIND, consistency_stages,
+    "Song et al. 2023 / LCM: skipping-step DDIM teacher, EMA target, pseudo-Huber; multistep consistency sampling.",
+    ConsistencyOptions))

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from torch import nn
 
 from fewstep.diffusion.param import CM_SIGMA_MIN, bcast
 from fewstep.diffusion.schedules import NoiseSchedule, karras_sigmas
-from fewstep.distill.base import STUDENT, DistillContext, DistillMethod, distance, register
+from fewstep.distill.base import KIND, STUDENT, Options, Recipe, RunContext, check_loss, distance, opt, register
 from fewstep.errors import FewstepError
 from fewstep.models.backbones import default_preset, preset_backbone
 from fewstep.models.denoiser import Denoiser
@@ -176,7 +177,23 @@ def ct_config(sample_shape: tuple[int, ...], num_classes: int, steps: int, prese
                        training={"method": "ct"})
 
 
-def _num_classes(ctx: DistillContext) -> int:
+@dataclass
+class CTOptions(Options):
+    steps: int = opt(1, "sampling steps the student records (1: sigma 80; 2: iCT's 80 then 0.821)")
+    preset: str | None = opt(None, "network preset (default: by data shape)")
+    loss: str = opt("huber", "huber (pseudo-Huber, the paper's) or l2")
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise FewstepError(f"steps {self.steps}: give at least 1")
+        check_loss(self.loss)
+
+    @classmethod
+    def for_tests(cls) -> CTOptions:
+        return cls(steps=1, preset="mlp")
+
+
+def _num_classes(ctx: RunContext) -> int:
     y = ctx.data[1]
     if y is None:
         return 0
@@ -188,18 +205,17 @@ def _num_classes(ctx: DistillContext) -> int:
         return int(y.max()) + 1
 
 
-def consistency_training(ctx: DistillContext) -> Path:
-    """One stage, ``ctx.out / STUDENT``: iCT for ``--iters`` iterations (the curriculum's K)."""
-    o = ctx.options
-    distance(o.loss)  # fail on a bad --loss before building anything
+def consistency_training(ctx: RunContext) -> Path:
+    """One stage, ``ctx.out / STUDENT``: iCT for ``iters`` iterations (the curriculum's K)."""
+    o: CTOptions = ctx.options
     config = ct_config(tuple(ctx.data[0].shape[1:]), _num_classes(ctx), o.steps, o.preset, ctx.data_name)
     with torch.random.fork_rng(devices=[]):  # the initialization follows the run's seed, global RNG untouched
         torch.manual_seed(getattr(ctx.train_config, "seed", 0))
-        method = ConsistencyTraining(config, o.iters, o.loss)
+        method = ConsistencyTraining(config, ctx.iters, o.loss)
     return ctx.stage(method, STUDENT)
 
 
-register(DistillMethod(
-    "ct", consistency_training,
-    "Song & Dhariwal 2023 (iCT): consistency training from data, no teacher (--preset, --loss huber|l2).",
-    needs_teacher=False))
+register(Recipe(
+    "ct", KIND, consistency_training,
+    "Song & Dhariwal 2023 (iCT): consistency training from data, no teacher (preset, loss huber|l2).",
+    CTOptions, needs_teacher=False))

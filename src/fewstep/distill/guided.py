@@ -13,22 +13,47 @@ The student samples at any scale in the trained range with one network evaluatio
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from fewstep.distill.base import DistillContext, DistillMethod, register
-from fewstep.distill.progressive import progressive_stages
+from fewstep.distill.base import KIND, Options, Recipe, RunContext, opt, register
+from fewstep.distill.progressive import check_iters, check_rounds, progressive_stages
 from fewstep.errors import FewstepError
 
 
-def guided_stages(ctx: DistillContext) -> Path:
-    w_range = ctx.options.guidance_range
-    if not w_range:
-        raise FewstepError("guided distillation needs --guidance-range LO,HI (e.g. 1,4)")
-    if ctx.options.guidance != 1.0:
-        raise FewstepError("guided distillation takes --guidance-range, not --guidance")
-    return progressive_stages(ctx, w_range)
+def check_range(w_range: tuple[float, float] | None) -> None:
+    if w_range is not None and not 0 <= w_range[0] <= w_range[1]:
+        raise FewstepError(f"guidance_range {w_range[0]},{w_range[1]}: need 0 <= LO <= HI")
 
 
-register(DistillMethod(
-    "guided", guided_stages,
-    "Meng et al. 2023: a student that takes the guidance scale (--guidance-range), then progressive rounds."))
+@dataclass
+class GuidedOptions(Options):
+    guidance_range: tuple[float, float] | None = opt(None, "LO,HI (required): the student takes the guidance scale "
+                                                           "as an input, trained for w in this range")
+    steps: int = opt(1, "student sampling steps (NFE per sample), a power of two")
+    start_steps: int = opt(32, "student steps of the first progressive round, a power of two >= steps")
+    reparam_iters: int | None = opt(None, "steps of the first stage, the w-conditioned v student (default: iters)")
+
+    hints = {"guidance": "guided distillation takes guidance_range, and the student any scale in it"}
+
+    def validate(self) -> None:
+        if self.guidance_range is None:
+            raise FewstepError("guided distillation needs --guidance-range LO,HI (e.g. 1,4)")
+        check_range(self.guidance_range)
+        check_rounds(self.steps, self.start_steps)
+        check_iters("reparam_iters", self.reparam_iters)
+
+    @classmethod
+    def for_tests(cls) -> GuidedOptions:
+        return cls(guidance_range=(1.0, 3.0), steps=1, start_steps=2)
+
+
+def guided_stages(ctx: RunContext) -> Path:
+    o: GuidedOptions = ctx.options
+    return progressive_stages(ctx, o.steps, o.start_steps, 1.0, o.guidance_range, o.reparam_iters)
+
+
+register(Recipe(
+    "guided", KIND, guided_stages,
+    "Meng et al. 2023: a student that takes the guidance scale (guidance_range), then progressive rounds.",
+    GuidedOptions))

@@ -20,6 +20,7 @@ are fractional timesteps, and the last step lands on sigma = 0.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from fewstep.diffusion.param import Prediction, bcast
-from fewstep.distill.base import STUDENT, DistillContext, DistillMethod, StudentStage, register
+from fewstep.distill.base import KIND, STUDENT, Options, Recipe, RunContext, StudentStage, opt, register
 from fewstep.errors import FewstepError
 from fewstep.models.backbones import GuidanceEmbedded
 from fewstep.models.denoiser import Cond, Denoiser
@@ -189,13 +190,47 @@ class ProgressiveRound(_Base):
         save_model(out, cfg, net)
 
 
-def progressive_stages(ctx: DistillContext, w_range: tuple[float, float] | None = None) -> Path:
+def _power_of_two(n: int) -> bool:
+    return n >= 1 and not n & (n - 1)
+
+
+def check_rounds(steps: int, start_steps: int) -> None:
+    if not (_power_of_two(steps) and _power_of_two(start_steps) and start_steps >= steps):
+        raise FewstepError(f"steps {steps} and start_steps {start_steps}: both must be powers of two with "
+                           "start_steps >= steps")
+
+
+def check_iters(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise FewstepError(f"{name} {value}: give at least 1")
+
+
+@dataclass
+class ProgressiveOptions(Options):
+    steps: int = opt(1, "student sampling steps (NFE per sample), a power of two")
+    start_steps: int = opt(32, "student steps of the first round (the teacher takes twice as many DDIM steps), a "
+                               "power of two >= steps")
+    guidance: float = opt(1.0, "distil the teacher guided at this scale (1: none; needs a class-conditional "
+                               "teacher with a null class)")
+    reparam_iters: int | None = opt(None, "steps of the eps -> v re-parameterization stage (default: iters)")
+
+    hints = {"guidance_range": "progressive distils one guidance scale; for a range use --method guided"}
+
+    def validate(self) -> None:
+        check_rounds(self.steps, self.start_steps)
+        check_iters("reparam_iters", self.reparam_iters)
+
+    @classmethod
+    def for_tests(cls) -> ProgressiveOptions:
+        return cls(steps=1, start_steps=2)
+
+
+def progressive_stages(ctx: RunContext, steps: int, start_steps: int, guidance: float = 1.0,
+                       w_range: tuple[float, float] | None = None, reparam_iters: int | None = None) -> Path:
     """Round 0 (to v, and to a guidance input under ``w_range``) when needed, then rounds N = start_steps, ...,
     steps; the last round is ``ctx.out / STUDENT``, earlier ones ``round_<N>``."""
-    o = ctx.options
-    if o.steps < 1 or o.start_steps < o.steps or (o.start_steps & (o.start_steps - 1)) or (o.steps & (o.steps - 1)):
-        raise FewstepError("--steps and --start-steps must be powers of two with --start-steps >= --steps")
-    model, guidance = ctx.teacher, o.guidance
+    check_rounds(steps, start_steps)
+    model = ctx.teacher
     assert model is not None
     if model.denoiser.takes_guidance:
         raise FewstepError("this teacher takes the guidance scale as an input (a guided student): distil the "
@@ -207,22 +242,22 @@ def progressive_stages(ctx: DistillContext, w_range: tuple[float, float] | None 
     if model.config.prediction != "v" or w_range:
         stage = Reparameterize(model.denoiser, model.config, guidance, w_range)
         # the guidance is now baked in (or an input)
-        model, guidance = load_model(ctx.stage(stage, "round_reparam", o.reparam_iters)), 1.0
-    n = o.start_steps
+        model, guidance = load_model(ctx.stage(stage, "round_reparam", reparam_iters)), 1.0
+    n = start_steps
     while True:
-        name = STUDENT if n == o.steps else f"round_{n}"
+        name = STUDENT if n == steps else f"round_{n}"
         folder = ctx.stage(ProgressiveRound(model.denoiser, model.config, n, guidance, w_range), name)
-        if n == o.steps:
+        if n == steps:
             return folder
         model, guidance, n = load_model(folder), 1.0, n // 2
 
 
-def _progressive(ctx: DistillContext) -> Path:
-    if ctx.options.guidance_range:
-        raise FewstepError("progressive distils one guidance scale (--guidance); for a range use --method guided")
-    return progressive_stages(ctx)
+def _progressive(ctx: RunContext) -> Path:
+    o: ProgressiveOptions = ctx.options
+    return progressive_stages(ctx, o.steps, o.start_steps, o.guidance, reparam_iters=o.reparam_iters)
 
 
-register(DistillMethod(
-    "progressive", _progressive,
-    "Salimans & Ho 2022: rounds halve the DDIM steps (--start-steps -> --steps); v-prediction student."))
+register(Recipe(
+    "progressive", KIND, _progressive,
+    "Salimans & Ho 2022: rounds halve the DDIM steps (start_steps -> steps); v-prediction student.",
+    ProgressiveOptions))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,19 @@ from torch import nn
 
 from fewstep.diffusion.param import bcast
 from fewstep.diffusion.schedules import NoiseSchedule
-from fewstep.distill.base import STUDENT, DistillContext, DistillMethod, StudentStage, distance, l2, register
+from fewstep.distill.base import (
+    KIND,
+    STUDENT,
+    Options,
+    Recipe,
+    RunContext,
+    StudentStage,
+    check_loss,
+    distance,
+    l2,
+    opt,
+    register,
+)
 from fewstep.errors import FewstepError
 from fewstep.generate import class_labels, generate, resolve_timesteps
 from fewstep.io import load_tensors, save_tensors
@@ -77,7 +90,7 @@ def _load_pairs(path: Path, expect: dict[str, str]) -> tuple[torch.Tensor, torch
     return pairs["z"], pairs["x"], pairs.get("labels"), float(meta.get("seconds", 0.0))
 
 
-def pairs_for(ctx: DistillContext, guidance: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def pairs_for(ctx: RunContext, guidance: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Draw the pairs into ``OUT/pairs.safetensors`` (atomically), or reuse them on resume; records their time."""
     o, teacher = ctx.options, ctx.teacher
     assert teacher is not None
@@ -167,14 +180,32 @@ class OneStep(_Stage):
         return [Phase("distill", self.student.net, loss)]
 
 
-def reflow_stages(ctx: DistillContext) -> Path:
+@dataclass
+class ReflowOptions(Options):
+    steps: int = opt(1, "Euler steps of the student (1 adds InstaFlow's one-step distillation)")
+    pairs: int = opt(4000, "noise -> sample pairs drawn from the teacher")
+    teacher_steps: int = opt(50, "teacher DPM-Solver++(2M) steps per pair")
+    guidance: float = opt(1.0, "guidance scale baked into the pairs (1: none)")
+    loss: str = opt("huber", "one-step distillation: huber (pseudo-Huber) or l2 (the reflow stage is always l2)")
+
+    hints = {"guidance_range": "reflow bakes one guidance into its pairs; a range is for --method guided"}
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.pairs < 1 or self.teacher_steps < 1:
+            raise FewstepError(f"steps {self.steps}, pairs {self.pairs}, teacher_steps {self.teacher_steps}: give at "
+                               "least 1")
+        check_loss(self.loss)
+
+    @classmethod
+    def for_tests(cls) -> ReflowOptions:
+        return cls(steps=1, pairs=1024, teacher_steps=10)
+
+
+def reflow_stages(ctx: RunContext) -> Path:
     """Pairs, stage ``reflow`` (the student itself for --steps > 1), then the one-step distillation (--steps 1)."""
-    o, teacher = ctx.options, ctx.teacher
+    o: ReflowOptions = ctx.options
+    teacher = ctx.teacher
     assert teacher is not None
-    if o.steps < 1 or o.pairs < 1 or o.teacher_steps < 1:
-        raise FewstepError("--steps, --pairs and --teacher-steps must be at least 1")
-    if o.guidance_range:
-        raise FewstepError("reflow bakes one --guidance into its pairs: --guidance-range is for guided distillation")
     if teacher.denoiser.takes_guidance:
         raise FewstepError("reflow needs a teacher without a guidance input (this one was distilled for a guidance "
                            "range): use the original teacher")
@@ -195,7 +226,7 @@ def reflow_stages(ctx: DistillContext) -> Path:
                      data=data)
 
 
-register(DistillMethod(
-    "reflow", reflow_stages,
-    "Liu et al. 2022 / InstaFlow: reflow on teacher noise->sample pairs (--pairs), Euler student; --steps 1 "
-    "adds the one-step distillation.", needs_data=False))
+register(Recipe(
+    "reflow", KIND, reflow_stages,
+    "Liu et al. 2022 / InstaFlow: reflow on teacher noise->sample pairs (pairs), Euler student; steps 1 "
+    "adds the one-step distillation.", ReflowOptions, needs_data=False))

@@ -173,17 +173,36 @@ def _machine() -> str:
 
 
 # --- the teacher --------------------------------------------------------------------------------
+TEACHER_LOOP = {"steps": 3000, "batch": 64, "lr": 1e-3, "ema_decay": 0.999, "ckpt_every": 500}  # = `fewstep train`
+
+
+def teacher_recipe(data: str, train: dict[str, Any]) -> tuple[Any, Any]:
+    """(TeacherOptions, TrainConfig) of a bench config's ``teacher.train`` section: the teacher's options (preset,
+    objective, prediction, conditional, beta_schedule, seed) and the loop's (steps, batch, lr, ...), with
+    `fewstep train`'s defaults."""
+    from fewstep.training.loop import TrainConfig
+    from fewstep.training.teacher import TeacherOptions
+
+    teacher_keys = {f.name for f in dataclasses.fields(TeacherOptions)} - {"data"}
+    loop_keys = {f.name for f in dataclasses.fields(TrainConfig)} - {"progress"}
+    unknown = set(train) - teacher_keys - loop_keys
+    if unknown:
+        raise FewstepError(f"bench config: teacher.train has unknown keys {', '.join(sorted(unknown))}: use "
+                           f"{', '.join(sorted(teacher_keys | loop_keys))}")
+    opts = TeacherOptions(data=data, **{k: v for k, v in train.items() if k in teacher_keys})
+    loop = {**TEACHER_LOOP, **{k: v for k, v in train.items() if k in loop_keys}}
+    return opts, TrainConfig(**{**loop, "seed": opts.seed, "progress": False})
+
+
 def ensure_teacher(cfg: BenchConfig, log: Callable[[str], None]) -> Path:
     """The teacher folder, trained (or resumed) here if it is missing or unfinished."""
-    from fewstep.data.datasets import load_dataset
-    from fewstep.models.backbones import default_preset, preset_backbone
-    from fewstep.training.loop import TrainConfig, train
-    from fewstep.training.teacher import TeacherMethod, TeacherSpec
+    from fewstep.training.teacher import train_teacher
 
     folder = cfg.teacher_folder
     t = dict(cfg.teacher_train)
-    steps = int(t.get("steps", 3000))
     latest = folder / "checkpoints" / "latest"
+    opts, train_cfg = teacher_recipe(cfg.data, t) if t else (None, None)
+    steps = train_cfg.steps if train_cfg is not None else 0
     if (folder / "config.json").is_file() or (folder / "model_index.json").is_file() or (folder / "unet").is_dir():
         if not t or not latest.is_file():
             return folder  # an external (e.g. diffusers) teacher, or one this config does not train
@@ -198,19 +217,8 @@ def ensure_teacher(cfg: BenchConfig, log: Callable[[str], None]) -> Path:
         if planned != steps:
             raise FewstepError(f"the teacher run in {folder} was started for {planned} steps but the config asks for "
                                f"{steps}: delete {folder} to retrain, or set teacher.train.steps: {planned}")
-    ds = load_dataset(cfg.data, "train")
-    classes = ds.num_classes if t.get("conditional", False) else 0
-    kind, bcfg = preset_backbone(t.get("preset") or default_preset(ds.sample_shape), ds.sample_shape, classes)
-    torch.manual_seed(int(t.get("seed", 0)))
-    method = TeacherMethod(TeacherSpec(objective=t.get("objective", "ddpm"), prediction=t.get("prediction"),
-                                       backbone=kind, backbone_config=bcfg, sample_shape=ds.sample_shape,
-                                       num_classes=classes, data=cfg.data))
     log(f"training the teacher into {folder} ({steps} steps{', resuming' if latest.is_file() else ''})")
-    train(method, (ds.x, ds.y if classes else None),
-          TrainConfig(steps=steps, batch=int(t.get("batch", 64)), lr=float(t.get("lr", 1e-3)),
-                      ema_decay=float(t.get("ema_decay", 0.999)), ckpt_every=int(t.get("ckpt_every", 500)),
-                      seed=int(t.get("seed", 0)), progress=False),
-          folder, resume=latest.is_file())
+    train_teacher(opts, train_cfg, folder, resume=latest.is_file())
     return folder
 
 
@@ -282,11 +290,54 @@ def _sampling_config_hash(config: dict[str, Any], length: int) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
+@dataclass(frozen=True)
+class KeyContext:
+    """What every row key of one bench shares: the teacher's weights and sampling config, the feature network's
+    weights (image data), n, seed, guidance, data."""
+
+    teacher_sha256: str
+    teacher_config: str  # _sampling_config_hash of the teacher's config (16 hex digits)
+    n: int
+    seed: int
+    guidance: float
+    data: str
+    features: str | None
+
+    @staticmethod
+    def of(teacher: Any, n: int, seed: int, guidance: float, data: str, features: str | None) -> KeyContext:
+        """For a loaded teacher (its folder's weights file and its config)."""
+        from fewstep.models.folder import weights_file
+
+        return KeyContext(file_sha256(weights_file(teacher.path)), _sampling_config_hash(teacher.config.to_json(), 16),
+                          n, seed, guidance, data, features)
+
+
+def model_hash(row: Row, keys: KeyContext) -> str:
+    """The weights a row samples (the teacher's, or a student's plus how it samples: sampler, timesteps, ...)."""
+    from fewstep.models.folder import model_folder, weights_file
+
+    if not row.model:
+        return keys.teacher_sha256
+    folder = model_folder(row.model)
+    return file_sha256(weights_file(folder)) + _sampling_config_hash(read_json(folder / "config.json"), 8)
+
+
+def row_key(row: Row, keys: KeyContext, model: str | None = None) -> str:
+    """A row's cache key.  A student's folder path is left out: its weights and config are in the model hash, and
+    the path changes with the directory the bench runs from.  Pinned by tests/test_compat.py: a change here
+    re-measures every published row."""
+    key_obj = {"v": METRICS_VERSION, "fewstep": fewstep.__version__, "teacher": keys.teacher_sha256,
+               "model": model or model_hash(row, keys), "row": dataclasses.asdict(dataclasses.replace(row, model=None)),
+               "n": keys.n, "seed": keys.seed, "guidance": keys.guidance, "data": keys.data,
+               "teacher_config": keys.teacher_config, "features": keys.features}
+    return hashlib.sha256(json.dumps(key_obj, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     from fewstep.evaluate.report import write_report
     from fewstep.evaluate.runner import default_n, evaluate_samples, measure
     from fewstep.images import write_samples
-    from fewstep.models.folder import load_model, weights_file
+    from fewstep.models.folder import load_model, model_folder
 
     folder = ensure_teacher(cfg, log)
     teacher = load_model(folder)
@@ -294,27 +345,22 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     out = Path(cfg.out)
     db = ResultsDB(out / "results.sqlite")
     run_id = db.start_run(cfg.raw)
-    teacher_hash = file_sha256(weights_file(folder))
-    teacher_cfg_hash = _sampling_config_hash(teacher.config.to_json(), 16)
     # the metrics' own network: a retrained (or differently trained) one measures differently
     features_hash = feature_weights_sha256(cfg.data) if cfg.data in IMAGE_DATASETS else None
+    keys = KeyContext.of(teacher, n, cfg.seed, cfg.guidance, cfg.data, features_hash)
     results: list[dict[str, Any]] = []
     rows = plan_rows(cfg)
-    for row in [r for r in rows if r.model and not (Path(r.model) / "config.json").is_file()]:
+
+    def ready(row: Row) -> bool:  # a student folder, or a distillation run with its student
+        return not row.model or (model_folder(row.model) / "config.json").is_file()
+
+    for row in [r for r in rows if not ready(r)]:
         log(f"{row.label}: no model folder at {row.model} yet (distil it first, e.g. benchmarks/students.sh): "
             "skipped in this run")
-    rows = [r for r in rows if not r.model or (Path(r.model) / "config.json").is_file()]
+    rows = [r for r in rows if ready(r)]
     for i, row in enumerate(rows):
-        model_hash = file_sha256(weights_file(Path(row.model))) if row.model else teacher_hash
-        if row.model:  # how the student samples (sampler, timesteps, boundary, ...) is part of the row
-            model_hash += _sampling_config_hash(read_json(Path(row.model) / "config.json"), 8)
-        # a student's folder path is left out: its weights and config are in model_hash, and the path changes
-        # with the directory the bench runs from
-        key_obj = {"v": METRICS_VERSION, "fewstep": fewstep.__version__, "teacher": teacher_hash,
-                   "model": model_hash, "row": dataclasses.asdict(dataclasses.replace(row, model=None)), "n": n,
-                   "seed": cfg.seed, "guidance": cfg.guidance, "data": cfg.data, "teacher_config": teacher_cfg_hash,
-                   "features": features_hash}
-        key = hashlib.sha256(json.dumps(key_obj, sort_keys=True).encode()).hexdigest()[:24]
+        mh = model_hash(row, keys)
+        key = row_key(row, keys, mh)
         hit = db.cached(key)
         if hit is None:
             if torch.cuda.is_available():
@@ -329,10 +375,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
                 spacing = min(scores, key=scores.get)
             res = _sample_row(row, teacher, cfg, n, spacing)
             ev = evaluate_samples(cfg.data, row.label, res, cfg.seed).to_json()
-            trained = (read_json(Path(row.model) / "config.json").get("training", {}).get("distill_wall_seconds")
-                       if row.model else teacher.config.training.get("wall_seconds"))
+            trained = (read_json(model_folder(row.model) / "config.json").get("training", {})
+                       .get("distill_wall_seconds") if row.model else teacher.config.training.get("wall_seconds"))
             ev.update(method=row.method, name=row.name, spacing=spacing, grid=f"grids/{key}.png", train_seconds=trained,
-                      label=row.label.replace(" best", f" {spacing}"), model_sha256=model_hash[:16],
+                      label=row.label.replace(" best", f" {spacing}"), model_sha256=mh[:16],
                       features_sha256=features_hash)
             write_samples(out / "grids" / f"{key}.png", res.x[:100], nrow=10 if res.x.ndim == 4 else None)
             db.add(run_id, key, row, ev)

@@ -166,3 +166,40 @@ def evaluate_samples(dataset: str, label: str, res: SampleResult, seed: int, boo
                       timesteps=res.timesteps, guidance=res.guidance, seed=seed, nfe=res.nfe,
                       wall_seconds=res.wall_seconds, samples_per_s=res.samples_per_s, peak_rss_mb=peak_rss_mb(),
                       quality=q)
+
+
+def model_dataset(model: Any, data: str | None = None) -> str:
+    """The dataset a loaded model is measured against: ``data``, or the one it records; checked against the model's
+    sample shape and classes."""
+    from fewstep.data.datasets import DATASETS, dataset_info
+
+    dataset = data or model.config.data
+    if dataset is None:
+        raise FewstepError(f"{model.path} does not record its dataset: pass --data NAME (one of "
+                           f"{', '.join(DATASETS)})")
+    if dataset not in DATASETS:
+        raise FewstepError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
+    shape, classes = dataset_info(dataset)
+    if tuple(model.sample_shape) != tuple(shape):
+        raise FewstepError(f"the model makes samples of shape {tuple(model.sample_shape)} but {dataset} has "
+                           f"{tuple(shape)}: pass the --data the model was trained on")
+    if model.config.num_classes and model.config.num_classes != classes:
+        raise FewstepError(f"the model has {model.config.num_classes} classes but {dataset} has {classes}")
+    return dataset
+
+
+def evaluate_model(model: Any, *, sampler: str | None = None, steps: int | None = None, spacing: str | None = None,
+                   timesteps: list[float] | None = None, guidance: float | None = None, data: str | None = None,
+                   n: int | None = None, seed: int = 0, eta: float = 0.0, batch_size: int = 500,
+                   label: str | None = None, bootstrap: int = 20) -> EvalResult:
+    """Sample a model (loaded, or any folder ``load_model`` takes) as ``fewstep evaluate`` does and measure it
+    against ``data``'s test split (default: the dataset the model records; n: the split's size, at most 5,000)."""
+    from fewstep.generate import sample_model
+    from fewstep.models.folder import LoadedModel, load_model
+
+    m = model if isinstance(model, LoadedModel) else load_model(model)
+    dataset = model_dataset(m, data)
+    n = n or default_n(dataset)
+    res = sample_model(m, n, sampler=sampler, steps=steps, spacing=spacing, timesteps=timesteps, guidance=guidance,
+                       seed=seed, eta=eta, batch_size=batch_size)
+    return evaluate_samples(dataset, label or str(m.path), res, seed, bootstrap)

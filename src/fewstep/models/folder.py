@@ -6,7 +6,8 @@ A fewstep model folder holds
   - ``model.safetensors``: the weights that are sampled and exported (the EMA weights of a teacher);
   - ``README.md``: a short model card.
 ``load_model`` also reads a diffusers pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``), a
-``unet/`` + ``scheduler/`` pair without ``model_index.json``, and a bare ``UNet2DModel`` folder.
+``unet/`` + ``scheduler/`` pair without ``model_index.json``, a bare ``UNet2DModel`` folder, and a run folder (the
+``--out`` of ``fewstep distill``: its final stage ``student/``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from fewstep.models.scheduler_config import VPProcess
 
 FORMAT = "fewstep-model/1"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+FINAL_STAGE = "student"  # a run folder's (the --out of distill) final model
 
 
 @dataclass
@@ -185,13 +187,47 @@ def _load_state(net: nn.Module, state: dict[str, torch.Tensor], where: Path) -> 
         raise FewstepError(f"weights in {where} do not fit the network its config describes ({first})") from None
 
 
+def _is_model(path: Path) -> bool:
+    return any((path / f).exists() for f in ("config.json", "model_index.json", "unet", DIFFUSERS_WEIGHTS))
+
+
+def _run_record(path: Path) -> Path | None:
+    """The run record of a run folder (``distill.json`` and the like: a JSON file naming a method and options)."""
+    import json
+
+    for f in sorted(path.glob("*.json")):
+        try:
+            obj = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(obj, dict) and "method" in obj and "options" in obj:
+            return f
+    return None
+
+
+def model_folder(path: str | Path) -> Path:
+    """The model folder ``path`` names: itself, or for a run folder (the ``--out`` of ``fewstep distill``) its
+    final stage ``student/``."""
+    path = Path(path)
+    if path.is_dir() and not _is_model(path):
+        if (path / FINAL_STAGE / "config.json").is_file():
+            return path / FINAL_STAGE
+        record = _run_record(path)
+        if record is not None:
+            raise FewstepError(f"{path} is a training run ({record.name}) without its final model {FINAL_STAGE}/ yet: "
+                               "finish it with --resume, or pass one of its stage folders")
+    return path
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load any model folder fewstep understands (see module docstring), in eval mode."""
+    """Load any model folder fewstep understands (see module docstring), in eval mode.  A run folder (the
+    ``--out`` of ``fewstep distill``) loads its final stage."""
     path = Path(path)
     if not path.exists():
         raise FewstepError(f"model folder {path} does not exist")
     if not path.is_dir():
         raise FewstepError(f"{path} is not a folder: --model takes a fewstep or diffusers model folder")
+    path = model_folder(path)
     if (path / "config.json").is_file() and read_json(path / "config.json").get("format") == FORMAT:
         config = ModelConfig.from_json(read_json(path / "config.json"), str(path / "config.json"))
         try:

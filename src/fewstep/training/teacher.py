@@ -118,6 +118,68 @@ def teacher_config(spec: TeacherSpec) -> ModelConfig:
     )
 
 
+@dataclass
+class TeacherOptions:
+    """A teacher to train, as the user names it (``fewstep train`` flags, a bench config's ``teacher.train``)."""
+
+    data: str
+    preset: str | None = None  # default: by data shape
+    objective: str = "ddpm"
+    prediction: str | None = None
+    conditional: bool = False  # class-conditional with a null class for classifier-free guidance
+    beta_schedule: str = "linear"  # ddpm
+    seed: int = 0  # initialization (the loop's seed is TrainConfig.seed)
+
+
+def build_teacher(opts: TeacherOptions) -> tuple[TeacherMethod, tuple[torch.Tensor, torch.Tensor | None]]:
+    """The one place a teacher is built from its options: (method, training data).  Seeds torch's global RNG with
+    ``opts.seed`` before initializing the network, so the same options give the same weights everywhere."""
+    from fewstep.data.datasets import load_dataset
+    from fewstep.models.backbones import default_preset, preset_backbone
+
+    ds = load_dataset(opts.data, "train")
+    if opts.conditional and not ds.num_classes:
+        raise FewstepError(f"--conditional needs labels and {opts.data} has none: drop --conditional")
+    num_classes = ds.num_classes if opts.conditional else 0
+    kind, bcfg = preset_backbone(opts.preset or default_preset(ds.sample_shape), ds.sample_shape, num_classes)
+    torch.manual_seed(opts.seed)
+    method = TeacherMethod(TeacherSpec(objective=opts.objective, prediction=opts.prediction, backbone=kind,
+                                       backbone_config=bcfg, sample_shape=ds.sample_shape, num_classes=num_classes,
+                                       data=opts.data, beta_schedule=opts.beta_schedule))
+    return method, (ds.x, ds.y if num_classes else None)
+
+
+RESUME_KEYS = ("backbone", "backbone_config", "prediction", "schedule", "data", "num_classes")
+
+
+def check_resumable(method: TeacherMethod, out: Path) -> None:
+    """A run in ``out`` was started with the network, schedule and data ``method`` builds (else it cannot resume)."""
+    import json
+
+    from fewstep.io import read_json
+
+    saved = Path(out) / "config.json"
+    if not saved.is_file():
+        return
+    prior = read_json(saved)
+    now = json.loads(json.dumps(method.config.to_json()))  # tuples -> lists, as saved
+    differ = [k for k in RESUME_KEYS if prior.get(k) != now.get(k)]
+    if differ:
+        raise FewstepError(f"--resume: {out} was started with other settings ({', '.join(differ)}): pass the "
+                           "same --data/--preset/--objective/--prediction/--conditional/--beta-schedule")
+
+
+def train_teacher(opts: TeacherOptions, cfg: Any, out: Path, resume: bool = False) -> Any:
+    """Build the teacher ``opts`` names and train it into ``out`` with the loop's ``cfg`` (a TrainConfig); with
+    ``resume``, continue the run there (refused if it was started with another network, schedule or data)."""
+    from fewstep.training.loop import train
+
+    method, data = build_teacher(opts)
+    if resume:
+        check_resumable(method, out)
+    return train(method, data, cfg, out, resume=resume)
+
+
 class TeacherMethod:
     """Trains a teacher from scratch with one of the objectives above."""
 

@@ -1,0 +1,540 @@
+"""The recipe layer every kind of training method shares: distillation, fine-tuning and alignment.
+
+A *recipe* is a registered method of one *kind* (``"distill"``, ``"finetune"``, ...): its name, its ``run``
+function, a one-line summary, what it needs (a teacher, data) and its own options, a dataclass whose fields carry
+defaults and a help line each (:func:`opt`) and which validates itself (:meth:`Options.validate`).
+
+- **Found without a list**: every module of a kind's package (``fewstep.distill``, ``fewstep.finetune``) is
+  imported on first use and registers itself (``register(Recipe(...))``), so a new method is one new module.
+- **One namespace of options**: a recipe's own options and the loop's (:class:`LoopOptions`: iters, batch, lr,
+  warmup, ema_decay, ...) are set together by name, with precedence (lowest first) defaults, a YAML file, named
+  values (the CLI's flags, the Python API's keywords), ``--set key=value`` (:func:`resolve_options`).  A name the
+  recipe does not have is an error that lists the ones it has.
+- **Stages**: ``run(ctx)`` trains one or more stages, each a run of the shared loop in ``OUT/<stage>``
+  (:meth:`RunContext.stage`); the final stage is ``OUT/student``.  ``--resume`` skips finished stages and resumes
+  the interrupted one exactly.  Time spent inside and outside the loop adds up to the run's time.
+- **The run record** ``OUT/<kind>.json`` (``distill.json`` for distillation): the recipe, its options, the loop's
+  settings, the teacher's weights and the data.  A resumed run with other settings is refused, and a record
+  written before this layer existed (every method's options in one mapping) still resumes with the same command.
+
+Methods never import the CLI or evaluation; the training loop knows no recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import pkgutil
+import shutil
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from fewstep.errors import FewstepError
+from fewstep.io import file_sha256, read_json, write_json
+from fewstep.models.folder import FINAL_STAGE, LoadedModel, model_folder, weights_file
+from fewstep.training.method import Method
+
+STUDENT = FINAL_STAGE  # the final stage's folder, for every recipe
+KIND_PACKAGES = {"distill": "fewstep.distill", "finetune": "fewstep.finetune"}
+RESERVED = ("method", "kind", "teacher", "data")  # names of the run record's own entries
+
+
+# --- options ---------------------------------------------------------------------------------------------
+def opt(default: Any, help: str) -> Any:  # noqa: A002 - the word users see
+    """A dataclass field with a default and the help line ``--method NAME --help`` prints."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Options:
+    """Base of a recipe's options: a dataclass of fields made with :func:`opt`.
+
+    ``validate`` raises :class:`FewstepError` with one line naming the option; ``for_tests`` gives options
+    sized for the contract test (a tiny 2-D teacher, a few dozen iterations); ``hints`` names options of other
+    methods a user may reach for, with what to do instead."""
+
+    hints: ClassVar[dict[str, str]] = {}
+
+    def validate(self) -> None:
+        """Check values that need no teacher or data (those are checked when the run starts)."""
+
+    @classmethod
+    def for_tests(cls) -> Options:
+        return cls()
+
+
+@dataclass
+class LoopOptions(Options):
+    """The shared loop's options, in every recipe's namespace (``iters`` is the loop's steps per stage)."""
+
+    iters: int = opt(1000, "optimizer steps per stage")
+    batch: int = opt(64, "global batch size (split across processes and --grad-accum micro-batches)")
+    lr: float = opt(3e-4, "peak learning rate (AdamW, linear warm-up then cosine decay)")
+    warmup: int | None = opt(None, "warm-up steps (default: min(100, iters / 10))")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    grad_clip: float = opt(1.0, "gradient-norm clipping (0: off)")
+    ema_decay: float = opt(0.999, "decay of the evaluation EMA (the exported weights)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    mixed_precision: str = opt("no", "no, fp16 or bf16 (through accelerate)")
+    seed: int = opt(0, "seed of initialization, data order and noise")
+    ckpt_every: int | None = opt(None, "checkpoint every N steps (default: iters / 4)")
+    log_every: int = opt(25, "log the losses every N steps")
+
+    def validate(self) -> None:
+        from fewstep.training.loop import MIXED_PRECISION
+
+        for name in ("iters", "batch", "grad_accum", "ckpt_every", "log_every"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise FewstepError(f"{name} {v}: give at least 1")
+        for name in ("lr", "weight_decay", "grad_clip", "warmup"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise FewstepError(f"{name} {v}: give a value >= 0")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise FewstepError(f"ema_decay {self.ema_decay}: give a decay in [0, 1]")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise FewstepError(f"mixed_precision {self.mixed_precision!r}: use {', '.join(MIXED_PRECISION)}")
+
+    def train_config(self, progress: bool = True) -> Any:
+        """The loop's TrainConfig (``steps`` = iters)."""
+        from fewstep.training.loop import TrainConfig
+
+        return TrainConfig(steps=self.iters, batch=self.batch, lr=self.lr,
+                           warmup=min(100, self.iters // 10) if self.warmup is None else self.warmup,
+                           weight_decay=self.weight_decay, grad_clip=self.grad_clip, ema_decay=self.ema_decay,
+                           grad_accum=self.grad_accum, ckpt_every=self.ckpt_every or max(1, self.iters // 4),
+                           log_every=self.log_every, seed=self.seed, mixed_precision=self.mixed_precision,
+                           progress=progress)
+
+
+def option_fields(cls: type) -> dict[str, tuple[Any, dataclasses.Field]]:
+    """``name -> (type, field)`` of an options dataclass, types resolved."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls)}
+
+
+def _type_name(cls: type, name: str) -> str:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """``value`` (text from ``--set`` or a YAML value) as type ``tp``: int, float, bool, str, a tuple of those,
+    or any of them ``| None``.  Errors are one line starting with ``where``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower()
+                                                       in ("none", "null", "~"))):
+            return None
+        if len(rest) == 1:
+            return coerce(value, rest[0], where)
+        raise TypeError(f"unsupported option type {tp}")
+    if value is None:
+        raise FewstepError(f"{where}: needs a value")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip().strip("[]()").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise FewstepError(f"{where}: give {len(args)} comma-separated values, got {value!r}")
+        return tuple(coerce(v, a, where) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise FewstepError(f"{where}: give true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise FewstepError(f"{where}: give a whole number, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            f = float(str(value).strip())
+        except ValueError:
+            f = float("nan")
+        if f == f and f.is_integer():
+            return int(f)
+        raise FewstepError(f"{where}: give a whole number, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise FewstepError(f"{where}: give a number, got {value!r}")
+        try:
+            return float(str(value).strip()) if isinstance(value, str) else float(value)
+        except (TypeError, ValueError):
+            raise FewstepError(f"{where}: give a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, str):
+            return value.strip()
+        raise FewstepError(f"{where}: give a word, got {value!r}")
+    raise TypeError(f"unsupported option type {tp}")
+
+
+# --- the registry ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recipe:
+    """A registered method: ``run(ctx) -> final model folder`` (``ctx.out / STUDENT``)."""
+
+    name: str
+    kind: str  # "distill", "finetune", ...
+    run: Callable[[RunContext], Path]
+    summary: str
+    options: type[Options]
+    needs_teacher: bool = True
+    needs_data: bool = True
+
+    @property
+    def record_file(self) -> str:
+        """The run record in OUT (``distill.json`` for distillation)."""
+        return f"{self.kind}.json"
+
+
+_REGISTRY: dict[str, dict[str, Recipe]] = {}
+_DISCOVERED: set[str] = set()
+
+
+def register(recipe: Recipe) -> Recipe:
+    """Add ``recipe`` to its kind (a method module calls this at import)."""
+    if not (dataclasses.is_dataclass(recipe.options) and issubclass(recipe.options, Options)):
+        raise TypeError(f"{recipe.name}: options must be a dataclass deriving from Options")
+    clash = set(option_fields(recipe.options)) & (set(option_fields(LoopOptions)) | set(RESERVED))
+    if clash:
+        raise ValueError(f"{recipe.kind} {recipe.name!r}: option names {sorted(clash)} are the loop's or the record's")
+    kind = _REGISTRY.setdefault(recipe.kind, {})
+    if recipe.name in kind:
+        raise ValueError(f"{recipe.kind} method {recipe.name!r} registered twice")
+    kind[recipe.name] = recipe
+    return recipe
+
+
+def discover(kind: str) -> dict[str, Recipe]:
+    """Every recipe of ``kind``: each module of the kind's package is imported once and registers itself."""
+    if kind not in KIND_PACKAGES:
+        raise FewstepError(f"unknown kind of method {kind!r}: use one of {', '.join(KIND_PACKAGES)}")
+    if kind not in _DISCOVERED:
+        try:
+            package = importlib.import_module(KIND_PACKAGES[kind])
+        except ModuleNotFoundError as e:
+            if e.name != KIND_PACKAGES[kind]:
+                raise
+            package = None
+        if package is not None:
+            for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+                if not info.name.startswith("_"):
+                    importlib.import_module(f"{package.__name__}.{info.name}")
+        _DISCOVERED.add(kind)
+    return dict(sorted(_REGISTRY.get(kind, {}).items()))
+
+
+def get_recipe(kind: str, name: str) -> Recipe:
+    found = discover(kind)
+    if name not in found:
+        raise FewstepError(f"unknown method {name!r} for {kind}: use one of {', '.join(found) or '(none yet)'}")
+    return found[name]
+
+
+# --- resolving options -----------------------------------------------------------------------------------
+@dataclass
+class Resolved:
+    """A recipe's options and the loop's, resolved from every source and validated."""
+
+    options: Options
+    loop: LoopOptions
+
+
+def _namespace(recipe: Recipe) -> dict[str, tuple[str, Any]]:
+    own = {k: ("method", tp) for k, (tp, _) in option_fields(recipe.options).items()}
+    return {**own, **{k: ("loop", tp) for k, (tp, _) in option_fields(LoopOptions).items()}}
+
+
+def unknown_option(recipe: Recipe, name: str, where: str) -> FewstepError:
+    hint = recipe.options.hints.get(name)
+    own = ", ".join(option_fields(recipe.options)) or "none"
+    loop = ", ".join(option_fields(LoopOptions))
+    return FewstepError(f"{where}: {recipe.name} has no option {name}{f' ({hint})' if hint else ''}; its options: "
+                        f"{own}; the loop's: {loop} (see `fewstep {recipe.kind} --method {recipe.name} --help`)")
+
+
+def read_options_file(path: Path) -> dict[str, Any]:
+    """A YAML mapping of option names to values."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FewstepError(f"--config {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise FewstepError(f"--config {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
+        raise FewstepError(f"--config {path} should be a YAML mapping of option names to values, e.g. `lr: 5.0e-4`")
+    return raw
+
+
+def parse_sets(sets: Iterable[str]) -> list[tuple[str, str, str]]:
+    """``key=value`` texts as (key, value, the text) triples."""
+    out = []
+    for text in sets:
+        key, eq, value = text.partition("=")
+        if not eq or not key.strip():
+            raise FewstepError(f"--set {text!r}: write KEY=VALUE, e.g. --set lr=5e-4")
+        out.append((key.strip(), value, text))
+    return out
+
+
+def resolve_options(recipe: Recipe, *, file: Path | None = None, values: Mapping[str, Any] | None = None,
+                    sets: Iterable[str] = (), label: Callable[[str], str] = lambda k: k) -> Resolved:
+    """The recipe's and the loop's options, from (lowest first) defaults, ``file`` (YAML), ``values`` (named values:
+    the CLI's flags, labelled in errors by ``label``) and ``sets`` (``key=value`` texts).  Every error is raised
+    before anything is written: an unknown name (listing the recipe's), a value of the wrong type, a value the
+    options refuse (their ``validate``)."""
+    space = _namespace(recipe)
+    chosen: dict[str, Any] = {}
+    layers: list[tuple[str, Any, str]] = []
+    if file is not None:
+        layers += [(k, v, f"--config {file}: {k}") for k, v in read_options_file(file).items()]
+    layers += [(k, v, label(k)) for k, v in (values or {}).items()]
+    layers += [(k, v, f"--set {text}") for k, v, text in parse_sets(sets)]
+    for key, value, where in layers:
+        name = key.replace("-", "_")
+        if name not in space:
+            raise unknown_option(recipe, name, where)
+        chosen[name] = coerce(value, space[name][1], where)
+    own = recipe.options(**{k: v for k, v in chosen.items() if space[k][0] == "method"})
+    loop = LoopOptions(**{k: v for k, v in chosen.items() if space[k][0] == "loop"})
+    loop.validate()
+    own.validate()
+    return Resolved(own, loop)
+
+
+def options_help(recipe: Recipe) -> str:
+    """What ``fewstep KIND --method NAME --help`` prints: the recipe's options and the loop's, with types,
+    defaults and help lines."""
+    needs = [w for w, need in (("--teacher", recipe.needs_teacher), ("training data", recipe.needs_data)) if need]
+    lines = [f"{recipe.kind} method {recipe.name}: {recipe.summary}",
+             f"needs: {', '.join(needs) or 'nothing but its options'}", "",
+             "Set options with --set KEY=VALUE (repeatable) and/or --config FILE.yaml (a mapping KEY: VALUE); the "
+             "older flags (--steps, --iters, ...) set the option of the same name. Later wins: defaults, the file, "
+             "flags, --set.", ""]
+
+    def show(v: Any) -> str:
+        if v is None:
+            return "none"
+        return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+    blocks = [(f"Options of {recipe.name}:", recipe.options), ("Options of the training loop (every method):",
+                                                               LoopOptions)]
+    rows = {title: [(name, _type_name(cls, name), show(f.default), f.metadata.get("help", ""))
+                    for name, (_, f) in option_fields(cls).items()] for title, cls in blocks}
+    every = [r for rs in rows.values() for r in rs]
+    w = [max(len(r[i]) for r in every) for i in range(3)]
+    for title, rs in rows.items():
+        lines.append(title)
+        lines.extend(f"  {a:<{w[0]}}  {b:<{w[1]}}  {c:<{w[2]}}  {d}" for a, b, c, d in rs)
+        lines.append("  (none)" if not rs else "")
+        if not rs:
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --- running -----------------------------------------------------------------------------------------------
+@dataclass
+class RunContext:
+    """Everything a recipe's ``run`` needs.  ``teacher`` is None only for recipes with ``needs_teacher=False``;
+    ``options`` are the recipe's own (its dataclass); ``train_config`` is the loop's (``steps`` = iters per
+    stage)."""
+
+    teacher: LoadedModel | None
+    teacher_folder: Path | None
+    data: tuple[torch.Tensor, torch.Tensor | None]
+    data_name: str
+    out: Path
+    options: Any
+    train_config: Any  # fewstep.training.loop.TrainConfig
+    resume: bool = False
+    train_fn: Callable[..., Any] | None = None  # the shared loop (tests wrap it)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    record: dict[str, Any] | None = None  # what the run record holds (set by run_recipe)
+    kind: str = "distill"
+
+    @property
+    def iters(self) -> int:
+        """Optimizer steps per stage (the loop's ``steps``)."""
+        return int(self.train_config.steps)
+
+    @property
+    def record_file(self) -> Path:
+        return self.out / f"{self.kind}.json"
+
+    def stage(self, method: Method, name: str, iters: int | None = None,
+              data: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Path:
+        """Train ``method`` for ``iters`` (default: the run's iters) steps on ``data`` (default: the dataset) into
+        ``out/name``; skip it when a resumed run already finished it.  Returns the stage folder (a model folder)."""
+        from fewstep.training.loop import train
+
+        run = self.train_fn or train
+        self.begin()
+        folder = self.out / name
+        cfg = dataclasses.replace(self.train_config, steps=iters or self.iters)
+        latest = folder / "checkpoints" / "latest"
+        if self.resume and latest.is_file():
+            state = read_json(folder / "checkpoints" / latest.read_text().strip() / "state.json", "checkpoint state")
+            saved = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+            # unfinished, or finished but killed between the checkpoint and the model folder: the loop completes it
+            if state["step"] < state["config"]["steps"] or saved.get("training", {}).get("steps") != state["step"]:
+                run(method, data or self.data, cfg, folder, resume=True)
+        else:
+            if self.resume and folder.exists():  # started but never checkpointed: nothing worth keeping
+                shutil.rmtree(folder)
+            run(method, data or self.data, cfg, folder)
+        config = read_json(folder / "config.json", "stage config")
+        self.stages.append({"stage": name, "method": method.name,
+                            "wall_seconds": config.get("training", {}).get("wall_seconds")})
+        # every stage folder is a model: record what the run cost up to and including it
+        config["training"] = {**config.get("training", {}), f"{self.kind}_wall_seconds": self.total_seconds()}
+        write_json(folder / "config.json", config)
+        return folder
+
+    def total_seconds(self) -> float:
+        return round(sum(s["wall_seconds"] or 0.0 for s in self.stages), 1)
+
+    def begin(self) -> None:
+        """Write the run record before the first thing worth resuming is written (stages call it)."""
+        if self.record is not None and not self.record_file.is_file():
+            write_json(self.record_file, self.record)
+
+    def extra_seconds(self, name: str, seconds: float) -> None:
+        """Record time spent outside the loop (e.g. drawing teacher samples) in the run's total."""
+        self.stages.append({"stage": name, "method": name, "wall_seconds": round(seconds, 1)})
+
+
+@dataclass
+class RunResult:
+    student: Path  # the final stage (a model folder)
+    stages: list[dict[str, Any]]
+    wall_seconds: float
+    options: Any = None
+
+
+def _jsonable(v: Any) -> Any:
+    return json.loads(json.dumps(v, default=list))
+
+
+RECORDED_LOOP = ("seed", "batch", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay", "grad_accum",
+                 "mixed_precision")  # what changes the result (not ckpt_every, log_every, progress)
+
+
+def run_record(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
+    """What a resumed run must share with the original: the recipe, its options and iters, the loop's settings,
+    the teacher's weights, the data."""
+    teacher = (file_sha256(weights_file(model_folder(ctx.teacher_folder))) if ctx.teacher_folder is not None
+               else None)
+    options = {**_jsonable(dataclasses.asdict(ctx.options)), "iters": ctx.iters}
+    loop = {k: _jsonable(getattr(ctx.train_config, k)) for k in RECORDED_LOOP}
+    return {"method": recipe.name, "kind": recipe.kind, "options": options, "loop": loop, "teacher": teacher,
+            "data": ctx.data_name}
+
+
+def _comparable(record: dict[str, Any]) -> dict[str, Any]:
+    """A run record as one flat mapping.  A record written before the recipe layer (distill.json with every
+    method's options under "options" and seed, batch, lr at the top) reads the same way; the options another
+    method had there are simply not compared."""
+    flat = {k: record[k] for k in ("method", "teacher", "data") if k in record}
+    flat.update(record.get("options") or {})
+    flat.update(record.get("loop") or {k: record[k] for k in ("seed", "batch", "lr") if k in record})
+    return flat
+
+
+def record_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Names whose value differs between a saved run record and this run's.  Only names both know are compared:
+    a record from an older fewstep did not record every setting."""
+    a, b = _comparable(saved), _comparable(now)
+    return sorted(k for k in a if k in b and a[k] != b[k])
+
+
+def run_recipe(recipe: Recipe, ctx: RunContext) -> RunResult:
+    """Run ``recipe`` and record the whole run (stages, total wall time) in the final model's config.
+
+    The run record (``OUT/<kind>.json``) holds the recipe, its options and the teacher; a resumed run with anything
+    different is refused (it would silently reuse stages built from other settings)."""
+    if not isinstance(ctx.options, recipe.options):
+        raise TypeError(f"{recipe.name} takes {recipe.options.__name__}, got {type(ctx.options).__name__}")
+    ctx.options.validate()
+    if recipe.needs_teacher and ctx.teacher is None:
+        raise FewstepError(f"method {recipe.name!r} needs --teacher")
+    ctx.kind = recipe.kind
+    record = run_record(recipe, ctx)
+    if ctx.resume and ctx.record_file.is_file():
+        diff = record_differences(read_json(ctx.record_file, "run record"), record)
+        if diff:
+            raise FewstepError(f"{ctx.out} was {'distilled' if recipe.kind == 'distill' else 'trained'} with other "
+                               f"settings ({', '.join(diff)}): resume with the same command, or choose a new --out")
+    elif ctx.resume and ctx.out.is_dir() and any(ctx.out.iterdir()):
+        raise FewstepError(f"{ctx.out} has no {ctx.record_file.name} (not a fewstep {recipe.kind} run): choose a new "
+                           "--out")
+    ctx.record = record  # written by the first stage, so options a method rejects leave nothing behind
+    final = recipe.run(ctx)
+    total = ctx.total_seconds()
+    cfg = read_json(final / "config.json", "final stage config")
+    cfg["training"] = {**cfg.get("training", {}), "method": recipe.name, f"{recipe.kind}_stages": ctx.stages,
+                       f"{recipe.kind}_wall_seconds": total,
+                       "teacher": str(ctx.teacher_folder) if ctx.teacher_folder else None}
+    write_json(final / "config.json", cfg)
+    return RunResult(final, list(ctx.stages), total, ctx.options)
+
+
+def check_out(out: Path, resume: bool) -> None:
+    """``out`` is a new (or empty) folder, or with ``resume`` an existing run."""
+    out = Path(out)
+    if resume and not out.is_dir():
+        raise FewstepError(f"--resume: {out} does not exist (run without --resume first)")
+    if not resume and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FewstepError(f"{out} exists and is not empty: choose a new --out or pass --resume")
+
+
+def prepare(recipe: Recipe, resolved: Resolved, out: Path, teacher: Path | None = None, data: str | None = None,
+            resume: bool = False, progress: bool = True) -> RunContext:
+    """The run's context: the teacher loaded (when the recipe needs one), the training data (default: the
+    teacher's recorded dataset) checked against it, the loop's config.  Writes nothing."""
+    from fewstep.data.datasets import load_dataset
+    from fewstep.models.folder import load_model
+
+    out = Path(out)
+    check_out(out, resume)
+    if recipe.needs_teacher and teacher is None:
+        raise FewstepError(f"method {recipe.name!r} needs --teacher")
+    model = load_model(teacher) if teacher is not None and recipe.needs_teacher else None
+    name = data or (model.config.data if model else None)
+    if name is None:
+        raise FewstepError(f"{teacher or 'the method'} does not record its dataset: pass --data")
+    ds = load_dataset(name, "train")
+    if model is not None and tuple(ds.sample_shape) != tuple(model.sample_shape):
+        raise FewstepError(f"--data {name} has samples of shape {ds.sample_shape}, the teacher makes "
+                           f"{tuple(model.sample_shape)}")
+    labels = ds.y if (model.config.num_classes if model else ds.num_classes) else None
+    return RunContext(model, Path(teacher) if model is not None else None, (ds.x, labels), name, out,
+                      resolved.options, resolved.loop.train_config(progress), resume=resume, kind=recipe.kind)
+
+
+def start(kind: str, name: str, out: Path, *, teacher: Path | None = None, data: str | None = None,
+          config: Path | None = None, values: Mapping[str, Any] | None = None, sets: Iterable[str] = (),
+          resume: bool = False, progress: bool = True, label: Callable[[str], str] = lambda k: k) -> RunResult:
+    """Resolve the options (nothing written on an error), prepare and run: what ``fewstep distill`` and
+    :func:`fewstep.distill_model` do."""
+    recipe = get_recipe(kind, name)
+    resolved = resolve_options(recipe, file=config, values=values, sets=sets, label=label)
+    return run_recipe(recipe, prepare(recipe, resolved, out, teacher, data, resume, progress))

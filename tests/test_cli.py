@@ -145,6 +145,22 @@ BAD_INPUT = {
                                                    "--out", m["uncond"]], "pass --resume or choose a new --out"),
     "export a 2-D model": (lambda m, tmp: ["export", m["mlp"], tmp / "exp"], "only UNet2DModel"),
     "info on a missing folder": (lambda m, tmp: ["info", tmp / "no_such"], "does not exist"),
+    # distill: every option error comes before anything is written (--out is tmp/exp, checked to be absent)
+    "distill: an option the method lacks": (lambda m, tmp: ["distill", "--teacher", m["mlp"], "--method", "progressive",
+                                                            "--pairs", "10", "--out", tmp / "exp"],
+                                            "progressive has no option pairs; its options: steps, start_steps"),
+    "distill: --set of an unknown option": (lambda m, tmp: ["distill", "--teacher", m["mlp"], "--set",
+                                                            "no_such_option=1", "--out", tmp / "exp"],
+                                            "--set no_such_option=1: progressive has no option no_such_option"),
+    "distill: --set of the wrong type": (lambda m, tmp: ["distill", "--teacher", m["mlp"], "--set", "iters=many",
+                                                         "--out", tmp / "exp"], "iters=many: give a whole number"),
+    "distill: unknown method": (lambda m, tmp: ["distill", "--teacher", m["mlp"], "--method", "nope", "--out",
+                                                tmp / "exp"], "unknown method 'nope'"),
+    "distill: --config that is missing": (lambda m, tmp: ["distill", "--teacher", m["mlp"], "--config",
+                                                          tmp / "no.yaml", "--out", tmp / "exp"], "does not exist"),
+    "train: batch not divisible by --grad-accum": (lambda m, tmp: ["train", "--data", "gmm", "--preset", "mlp-small",
+                                                                   "--steps", "1", "--batch", "3", "--grad-accum",
+                                                                   "2", "--out", tmp / "exp"], "must divide by"),
 }
 
 
@@ -337,6 +353,13 @@ def test_train_then_resume(tmp_path):
     assert res.exit_code == 2 and "other settings" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     res = _run(*args, "--out", tmp_path / "fresh", "--resume")
     assert res.exit_code == 2 and "no checkpoint" in res.stderr
+
+
+def test_train_grad_accum_reaches_the_loop(tmp_path):
+    _ok("train", "--data", "gmm", "--preset", "mlp-small", "--steps", "4", "--batch", "32", "--grad-accum", "2",
+        "--out", tmp_path / "run")
+    state = (tmp_path / "run" / "checkpoints" / "step_00000004" / "state.json").read_text()
+    assert '"grad_accum": 2' in state
 
 
 def test_python_dash_m_fewstep_help():

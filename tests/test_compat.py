@@ -158,3 +158,10 @@ def test_model_accepts_a_distillation_run_folder(teacher, tmp_path):
     shutil.rmtree(out / "student")  # a run without its final stage yet: one line saying so
     res = _run("sample", "--model", out, "--n", "6", "--out", tmp_path / "x.npy")
     assert res.exit_code == 2 and re.search(r"distill.json\) without its final model student/", res.stderr)
+
+
+def test_the_registry_is_still_importable_by_its_old_name():
+    """scripts/gpu-smoke.sh reads `fewstep.distill.METHODS`: it is the discovered registry."""
+    from fewstep.distill import METHODS, methods
+
+    assert list(METHODS) == list(methods()) and {"progressive", "ct", "reflow"} <= set(METHODS)

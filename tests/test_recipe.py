@@ -122,6 +122,20 @@ def test_precedence_defaults_file_flags_set(tmp_path):
     assert r.options.reparam_iters is None and r.loop.ema_decay == 0.99  # later --set wins; dashes allowed
 
 
+def test_cli_config_flags_and_set_reach_the_run_record(teacher, tmp_path):
+    f = tmp_path / "pd.yaml"
+    f.write_text("iters: 3\nstart_steps: 4\nbatch: 16\nlr: 1.0e-3\n")
+    out = tmp_path / "pd"
+    res = _run("distill", "--teacher", teacher, "--out", out, "--config", f, "--start-steps", "2", "--batch", "32",
+               "--set", "batch=64", "--grad-accum", "2", "--mixed-precision", "no")
+    assert res.exit_code == 0, res.output
+    record = json.loads((out / "distill.json").read_text())
+    assert record["options"] == {"steps": 1, "start_steps": 2, "guidance": 1.0, "reparam_iters": None, "iters": 3}
+    assert (record["loop"]["batch"], record["loop"]["lr"], record["loop"]["grad_accum"]) == (64, 1e-3, 2)
+    state = json.loads((out / "student" / "checkpoints" / "step_00000003" / "state.json").read_text())
+    assert state["config"]["grad_accum"] == 2 and state["config"]["batch"] == 64
+
+
 def test_values_are_parsed_by_the_fields_type():
     assert R.coerce("1,4", tuple[float, float], "x") == (1.0, 4.0)
     assert R.coerce([1, 4], tuple[float, float] | None, "x") == (1.0, 4.0)

@@ -16,4 +16,10 @@ def methods() -> dict:
     return discover("distill")
 
 
+def __getattr__(name: str):
+    if name == "METHODS":  # the registry's name before the recipe layer (scripts use it): the discovered methods
+        return methods()
+    raise AttributeError(f"module 'fewstep.distill' has no attribute {name!r}")
+
+
 __all__ = ["DistillContext", "DistillOptions", "DistillResult", "RunContext", "distill", "get_method", "methods"]

@@ -3,12 +3,11 @@ step, per-phase optimizer settings, named scalars and shared work, seeded ``befo
 checkpoint, and placement of every network and schedule table on the run's device."""
 
 import copy
-import dataclasses
 import shutil
-import types
 
 import pytest
 import torch
+from placement_check import check_placement
 from safetensors.torch import load_file
 from torch import nn
 
@@ -208,65 +207,7 @@ def test_grad_scaler_state_is_checkpointed_and_restored(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-# --- placement ------------------------------------------------------------------------------------------
-def tensors_reachable(obj, path="method", seen=None):
-    """(path, tensor) for every tensor reachable from ``obj``: attributes, containers, modules (parameters,
-    buffers and plain tensor attributes such as a Denoiser's schedule tables) and closures."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen or obj is None or isinstance(obj, (str, bytes, int, float, bool, type, types.ModuleType)):
-        return
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        yield path, obj
-        return
-    if isinstance(obj, torch.Generator):
-        return
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from tensors_reachable(v, f"{path}[{k!r}]", seen)
-        return
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        for i, v in enumerate(obj):
-            yield from tensors_reachable(v, f"{path}[{i}]", seen)
-        return
-    if isinstance(obj, types.FunctionType):
-        for i, cell in enumerate(obj.__closure__ or ()):
-            yield from tensors_reachable(cell.cell_contents, f"{path}<closure {i}>", seen)
-        return
-    if isinstance(obj, types.MethodType):
-        yield from tensors_reachable(obj.__func__, path, seen)
-        return
-    if isinstance(obj, nn.Module):
-        for k, v in obj.named_parameters(recurse=False):
-            yield f"{path}.{k}", v
-        for k, v in obj.named_buffers(recurse=False):
-            yield f"{path}.{k}", v
-        for k, v in obj.named_children():
-            yield from tensors_reachable(v, f"{path}.{k}", seen)
-        attrs = {k: v for k, v in vars(obj).items() if not k.startswith("_") or k == "_forward_hooks"}
-    elif dataclasses.is_dataclass(obj) or type(obj).__module__.startswith(("fewstep", "test")) or \
-            isinstance(obj, NoiseSchedule):
-        attrs = vars(obj) if hasattr(obj, "__dict__") else {}
-    else:
-        return
-    for k, v in attrs.items():
-        yield from tensors_reachable(v, f"{path}.{k}", seen)
-
-
-def assert_on(method, device: str) -> None:
-    found = list(tensors_reachable(method))
-    assert found, "nothing reachable"
-    off = [(p, t.device) for p, t in found if t.device.type != device]
-    assert not off, f"left behind: {off[:5]}"
-
-
-def check_placement(method) -> None:
-    """Place a copy of ``method`` on the meta device (a stand-in for CUDA) and walk everything it can reach."""
-    m = copy.deepcopy(method)
-    place(m, "meta")
-    assert_on(m, "meta")
-
-
+# --- placement ---------------------------------------------------------------------------------------------
 def test_teacher_placement_reaches_the_schedule_tables():
     ds = load_dataset("digits", "train")
     kind, cfg = preset_backbone("test8", ds.sample_shape, ds.num_classes)

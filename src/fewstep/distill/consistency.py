@@ -50,8 +50,7 @@ class ConsistencyDistill(_Base):
         self.target = Denoiser(copy.deepcopy(self.student.net).requires_grad_(False), teacher.schedule, "v",
                                self.student.num_classes, self.student.null_class, "lcm")
         self.steps, self.grid, self.mu = steps, grid, mu
-        self._target_params = list(self.target.net.parameters())  # loaded in place on resume: safe to keep
-        self._student_params = list(self.student.net.parameters())
+        self._params: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (target, student): phases()
         self.dist = distance(loss)
 
     def networks(self) -> Networks:
@@ -59,9 +58,12 @@ class ConsistencyDistill(_Base):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:  # theta- <- mu theta- + (1 - mu) theta
-        torch._foreach_lerp_(self._target_params, self._student_params, 1 - self.mu)
+        torch._foreach_lerp_(*self._params, 1 - self.mu)
 
     def phases(self) -> list[Phase]:
+        # the parameter lists of the target update, taken after the loop placed the networks (a move to another
+        # device may replace Parameter objects; loading a checkpoint later happens in place)
+        self._params = (list(self.target.net.parameters()), list(self.student.net.parameters()))
         T = self.teacher.schedule.num_train_timesteps
         dt = (T - 1) / self.grid
 

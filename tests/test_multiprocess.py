@@ -106,3 +106,22 @@ def test_two_process_run_killed_after_a_checkpoint_resumes_bitwise(tmp_path):
 def test_global_batch_must_divide_by_processes_times_accumulation(tmp_path, procs):
     res = run("pair", tmp_path / "x", procs, "--grad-accum", "3", check=False)
     assert res.returncode != 0 and "must divide by processes x --grad-accum = 2 x 3" in res.stderr
+
+
+def test_cli_distillation_on_two_processes_without_accelerate_settings(tmp_path, gmm_cond_teacher):
+    """`torchrun --nproc_per_node 2 -m fewstep distill ...` on a machine without GPUs and without
+    ACCELERATE_USE_CPU: the two processes form one group (each would otherwise train alone into the same folder),
+    every process checks OUT before any writes, and only the main process writes the shared files (it raced
+    before: 'student already holds a model' on one rank)."""
+    env = {k: v for k, v in _env().items() if k != "ACCELERATE_USE_CPU"}
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                              "-m", "fewstep", "distill", "--teacher", str(gmm_cond_teacher), "--method", "reflow",
+                              "--guidance", "2", "--pairs", "256", "--teacher-steps", "4", "--iters", "6",
+                              "--batch", "64", "--out", str(out)],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+        assert res.stdout.count("student (1 steps, reflow)") == 1  # one process reports
+        config = json.loads((out / "student" / "config.json").read_text())
+        assert config["training"]["processes"] == 2 and config["training"]["distill_wall_seconds"] > 0

@@ -178,7 +178,16 @@ _register_distill(app, _friendly, out_console)
 
 
 def main() -> None:
-    app()
+    import os
+
+    if os.environ.get("RANK", "0") != "0":  # torchrun / accelerate launch: one process reports, every one errs
+        out_console.quiet = True
+    try:
+        app()
+    finally:
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # leave together, so no process exits while another still talks to it
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ from fewstep.models.denoiser import Denoiser
 from fewstep.models.folder import LoadedModel, ModelConfig, SamplingDefaults, load_model, save_model
 from fewstep.samplers import IndexedNoise
 from fewstep.training.method import Batch, Phase, StepContext
+from fewstep.training.processes import barrier, is_main
 from fewstep.training.teacher import flow_noise
 
 PAIRS_FILE = "pairs.safetensors"
@@ -105,7 +106,9 @@ def pairs_for(ctx: RunContext, guidance: float) -> tuple[torch.Tensor, torch.Ten
         seconds = time.perf_counter() - t0
         tensors = {"z": z, "x": x, **({"labels": labels} if labels is not None else {})}
         ctx.begin()
-        save_tensors(path, tensors, metadata={**expect, "seconds": repr(seconds)})
+        if is_main():  # every process drew the same pairs (same seed): one writes them
+            save_tensors(path, tensors, metadata={**expect, "seconds": repr(seconds)})
+        barrier()
     if not torch.isfinite(x).all():
         raise FewstepError(f"the teacher's samples in {path} are not finite: check the teacher (fewstep sample)")
     ctx.extra_seconds("pairs", seconds)

@@ -33,6 +33,7 @@ from fewstep.errors import FewstepError
 from fewstep.io import load_tensors, load_torch_state, read_json, save_tensors, save_torch_state, write_json, write_text
 from fewstep.training.ema import EMA
 from fewstep.training.method import Batch, Method, Networks, StepContext, loss_value
+from fewstep.training.processes import expected_processes, use_cpu
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -185,7 +186,7 @@ def make_accelerator(cfg: TrainConfig, find_unused_parameters: bool = False) -> 
     from accelerate.utils import DistributedDataParallelKwargs
 
     def make() -> Any:
-        return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1,
+        return Accelerator(cpu=use_cpu(), mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1,
                            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)])
 
     try:
@@ -253,6 +254,10 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
 
     acc = make_accelerator(cfg, bool(getattr(method, "find_unused_parameters", False)))
     device, world, rank = acc.device, acc.num_processes, acc.process_index
+    if world != expected_processes():
+        raise FewstepError(f"the launcher started {expected_processes()} processes but accelerate runs {world}: each "
+                           "would train alone into the same folder; check the accelerate config (on CPUs set "
+                           "ACCELERATE_USE_CPU=true)")
     _check_config(cfg, world)
     if resume and int(saved.get("processes", 1)) != world:
         raise FewstepError(f"{out} was trained with {saved.get('processes', 1)} processes, this run has {world}: "

@@ -40,6 +40,7 @@ from fewstep.errors import FewstepError
 from fewstep.io import file_sha256, read_json, write_json
 from fewstep.models.folder import FINAL_STAGE, LoadedModel, model_folder, weights_file
 from fewstep.training.method import Method
+from fewstep.training.processes import barrier, is_main
 
 STUDENT = FINAL_STAGE  # the final stage's folder, for every recipe
 KIND_PACKAGES = {"distill": "fewstep.distill", "finetune": "fewstep.finetune"}
@@ -406,7 +407,9 @@ class RunContext:
                             "wall_seconds": config.get("training", {}).get("wall_seconds")})
         # every stage folder is a model: record what the run cost up to and including it
         config["training"] = {**config.get("training", {}), f"{self.kind}_wall_seconds": self.total_seconds()}
-        write_json(folder / "config.json", config)
+        if is_main():
+            write_json(folder / "config.json", config)
+        barrier()
         return folder
 
     def total_seconds(self) -> float:
@@ -414,7 +417,7 @@ class RunContext:
 
     def begin(self) -> None:
         """Write the run record before the first thing worth resuming is written (stages call it)."""
-        if self.record is not None and not self.record_file.is_file():
+        if self.record is not None and not self.record_file.is_file() and is_main():
             write_json(self.record_file, self.record)
 
     def extra_seconds(self, name: str, seconds: float) -> None:
@@ -477,6 +480,7 @@ def run_recipe(recipe: Recipe, ctx: RunContext) -> RunResult:
     if recipe.needs_teacher and ctx.teacher is None:
         raise FewstepError(f"method {recipe.name!r} needs --teacher")
     ctx.kind = recipe.kind
+    barrier()  # every process has checked OUT (prepare) before any writes to it
     record = run_record(recipe, ctx)
     if ctx.resume and ctx.record_file.is_file():
         diff = record_differences(read_json(ctx.record_file, "run record"), record)
@@ -493,7 +497,9 @@ def run_recipe(recipe: Recipe, ctx: RunContext) -> RunResult:
     cfg["training"] = {**cfg.get("training", {}), "method": recipe.name, f"{recipe.kind}_stages": ctx.stages,
                        f"{recipe.kind}_wall_seconds": total,
                        "teacher": str(ctx.teacher_folder) if ctx.teacher_folder else None}
-    write_json(final / "config.json", cfg)
+    if is_main():
+        write_json(final / "config.json", cfg)
+    barrier()
     return RunResult(final, list(ctx.stages), total, ctx.options)
 
 

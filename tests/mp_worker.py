@@ -36,6 +36,8 @@ class Pair:
         torch.manual_seed(0)
         self.a = nn.Sequential(nn.Linear(2, 32), nn.SiLU(), nn.Linear(32, 2))
         self.b = nn.Sequential(nn.Linear(2, 32), nn.SiLU(), nn.Linear(32, 2))
+        # a hook changes the output: run twice per call (as through a naive DDP wrapper), 2 processes would differ
+        self.a.register_forward_hook(lambda module, args, out: 0.5 * out)
 
     def networks(self) -> Networks:
         return Networks(trained={"a": self.a, "b": self.b})

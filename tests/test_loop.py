@@ -265,3 +265,11 @@ def test_runs_in_other_precisions_in_one_process_and_the_record_says_where(tmp_p
         assert "forward" not in vars(m.net) and "_original_forward" not in vars(m.net)  # as the method gave it
         state = json.loads((tmp_path / mp / "checkpoints" / "step_00000002" / "state.json").read_text())
         assert state["config"]["mixed_precision"] == mp and state["processes"] == 1
+
+
+def test_a_dtype_change_keeps_the_schedule_where_it_is():
+    from fewstep.models.denoiser import Denoiser
+
+    den = Denoiser(nn.Linear(2, 2), NoiseSchedule.flow(10), "flow").to("meta")
+    den.to(torch.float16)  # probed on the CPU, this moved the tables back (and failed to copy out of meta)
+    assert den.schedule.sigmas.device.type == "meta" and den.schedule.sigmas.dtype == torch.float64

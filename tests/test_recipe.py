@@ -83,6 +83,9 @@ def test_help_for_an_unknown_method_is_one_line():
     (["--method", "progressive", "--set", "mixed_precision=fp8"], "mixed_precision 'fp8'"),
     (["--method", "ct", "--set", "loss=lpips"], "loss 'lpips': use l2 or huber"),
     (["--method", "progressive", "--config", "/nonexistent/x.yaml"], "does not exist"),
+    # the loop's own checks run before the run record is written (a leftover distill.json blocked both a rerun
+    # and --resume)
+    (["--method", "progressive", "--grad-accum", "3"], r"must divide by processes x --grad-accum = 1 x 3"),
 ])
 def test_option_errors_are_one_line_exit_2_and_write_nothing(args, match, teacher, tmp_path):
     import re
@@ -284,3 +287,20 @@ def test_options_field_names_cannot_shadow_the_loop(monkeypatch):
 
     with pytest.raises(ValueError, match="loop's or the record's"):
         R.register(R.Recipe("clash", "finetune", lambda ctx: ctx.out, "x", Clash))
+
+
+def test_yaml_words_that_yaml_reads_as_booleans(tmp_path):
+    """`mixed_precision: no` (as the help text writes it) is YAML 1.1's boolean false: it still means "no"."""
+    f = tmp_path / "o.yaml"
+    f.write_text("mixed_precision: no\n")
+    assert resolve_options(get_recipe("distill", "progressive"), file=f).loop.mixed_precision == "no"
+
+
+def test_bench_teacher_settings_are_parsed_by_type():
+    """YAML reads `lr: 1e-3` as text; the bench used to pass it on as a string (a traceback in AdamW)."""
+    from fewstep.evaluate.bench import teacher_recipe
+
+    opts, cfg = teacher_recipe("digits", {"lr": "1e-3", "steps": "100", "conditional": True})
+    assert cfg.lr == 1e-3 and isinstance(cfg.lr, float) and cfg.steps == 100 and opts.conditional is True
+    with pytest.raises(FewstepError, match="teacher.train.batch: give a whole number"):
+        teacher_recipe("digits", {"batch": "many"})

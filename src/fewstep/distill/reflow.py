@@ -98,17 +98,18 @@ def pairs_for(ctx: RunContext, guidance: float) -> tuple[torch.Tensor, torch.Ten
     path = ctx.out / PAIRS_FILE
     expect = {"pairs": str(o.pairs), "teacher_steps": str(o.teacher_steps), "guidance": repr(float(guidance)),
               "seed": str(ctx.train_config.seed), "sampler": PAIR_SAMPLER}
-    if ctx.resume and path.is_file():
-        z, x, labels, seconds = _load_pairs(path, expect)
-    else:
-        t0 = time.perf_counter()
-        z, x, labels = draw_pairs(teacher, o.pairs, o.teacher_steps, guidance, ctx.train_config.seed)
-        seconds = time.perf_counter() - t0
-        tensors = {"z": z, "x": x, **({"labels": labels} if labels is not None else {})}
-        ctx.begin()
-        if is_main():  # every process drew the same pairs (same seed): one writes them
-            save_tensors(path, tensors, metadata={**expect, "seconds": repr(seconds)})
+    fresh = not (ctx.resume and path.is_file())
+    barrier()  # every process has decided before the main one writes
+    if fresh:
+        if is_main():  # one process draws and writes; every process then reads the same bits (a resume too)
+            t0 = time.perf_counter()
+            z, x, labels = draw_pairs(teacher, o.pairs, o.teacher_steps, guidance, ctx.train_config.seed)
+            seconds = time.perf_counter() - t0
+            ctx.begin()
+            save_tensors(path, {"z": z, "x": x, **({"labels": labels} if labels is not None else {})},
+                         metadata={**expect, "seconds": repr(seconds)})
         barrier()
+    z, x, labels, seconds = _load_pairs(path, expect)
     if not torch.isfinite(x).all():
         raise FewstepError(f"the teacher's samples in {path} are not finite: check the teacher (fewstep sample)")
     ctx.extra_seconds("pairs", seconds)

@@ -189,8 +189,14 @@ def teacher_recipe(data: str, train: dict[str, Any]) -> tuple[Any, Any]:
     if unknown:
         raise FewstepError(f"bench config: teacher.train has unknown keys {', '.join(sorted(unknown))}: use "
                            f"{', '.join(sorted(teacher_keys | loop_keys))}")
-    opts = TeacherOptions(data=data, **{k: v for k, v in train.items() if k in teacher_keys})
-    loop = {**TEACHER_LOOP, **{k: v for k, v in train.items() if k in loop_keys}}
+    from fewstep.training.recipe import coerce, option_fields
+
+    def typed(cls: type, keys: set[str]) -> dict[str, Any]:  # YAML gives `lr: 1e-3` as text: the fields' types
+        types = option_fields(cls)
+        return {k: coerce(v, types[k][0], f"bench config: teacher.train.{k}") for k, v in train.items() if k in keys}
+
+    opts = TeacherOptions(data=data, **typed(TeacherOptions, teacher_keys))
+    loop = {**TEACHER_LOOP, **typed(TrainConfig, loop_keys)}
     return opts, TrainConfig(**{**loop, "seed": opts.seed, "progress": False})
 
 
@@ -352,7 +358,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     rows = plan_rows(cfg)
 
     def ready(row: Row) -> bool:  # a student folder, or a distillation run with its student
-        return not row.model or (model_folder(row.model) / "config.json").is_file()
+        try:
+            return not row.model or (model_folder(row.model) / "config.json").is_file()
+        except FewstepError:  # a run folder without its student yet
+            return False
 
     for row in [r for r in rows if not ready(r)]:
         log(f"{row.label}: no model folder at {row.model} yet (distil it first, e.g. benchmarks/students.sh): "

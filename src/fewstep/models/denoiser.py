@@ -60,7 +60,7 @@ class Denoiser(nn.Module):
         """``.to(device)`` (and every other move) takes the schedule's tables along: they are plain tensors, not
         buffers, so that ``.to(dtype)`` never rounds the float64 noise levels."""
         super()._apply(fn, recurse)
-        device = fn(torch.zeros(())).device
+        device = fn(torch.zeros((), device=self.schedule.sigmas.device)).device  # a dtype change keeps the device
         self.schedule = self.schedule.to(device)
         return self
 

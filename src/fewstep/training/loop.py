@@ -152,26 +152,34 @@ def place(method: Method, device: torch.device | str) -> Networks:
     return nets
 
 
+class _Shim(nn.Module):
+    """What DDP wraps for a trained module: its parameters, and its ``forward`` without its hooks (the call of the
+    module itself, which the method makes, has already run them once)."""
+
+    def __init__(self, module: nn.Module, forward: Any):
+        super().__init__()
+        self.module, self._forward = module, forward
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._forward(*args, **kwargs)
+
+
 class _Route:
-    """Routes calls of a trained module through its DDP wrapper while a phase that trains it runs, and through
-    the bare module otherwise (frozen uses in other phases, evaluation, the EMA).  The method keeps calling the
-    module it owns; the loop flips ``active``."""
+    """Routes calls of a trained module through DDP while a phase that trains it runs (and gradients are on), and
+    straight to its own forward otherwise (frozen uses in other phases, evaluation, the EMA).  The method keeps
+    calling the module it owns; the loop flips ``active``."""
 
-    def __init__(self, module: nn.Module, wrapped: nn.Module):
-        self.module, self.wrapped, self.active, self._inside = module, wrapped, False, False
+    def __init__(self, module: nn.Module, wrapped: nn.Module, forward: Any):
+        self.module, self.wrapped, self.active = module, wrapped, False
         self._had_own_forward = "forward" in module.__dict__
-        self._forward = module.forward
+        self._forward = forward
 
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            if self.active and not self._inside and torch.is_grad_enabled():
-                self._inside = True
-                try:
-                    return self.wrapped(*args, **kwargs)
-                finally:
-                    self._inside = False
+        def routed(*args: Any, **kwargs: Any) -> Any:
+            if self.active and torch.is_grad_enabled():
+                return self.wrapped(*args, **kwargs)
             return self._forward(*args, **kwargs)
 
-        module.forward = forward
+        module.forward = routed
 
     def restore(self) -> None:
         if self._had_own_forward:
@@ -222,7 +230,9 @@ def _set_rng_state(gen: torch.Generator, rng: dict[str, torch.Tensor], rank: int
         raise FewstepError(f"checkpoint RNG state {where} is damaged ({str(e)[:80]}): restore it or restart") from None
 
 
-def _check_config(cfg: TrainConfig, world: int) -> None:
+def check_config(cfg: TrainConfig, world: int) -> None:
+    """One-line errors for loop settings that cannot work with ``world`` processes (checked before anything is
+    written: the recipe layer calls this too, before its run record)."""
     if cfg.ckpt_every < 1 or cfg.steps < 1 or cfg.batch < 1 or cfg.grad_accum < 1:
         raise FewstepError("--steps, --batch, --ckpt-every and --grad-accum must be at least 1")
     if cfg.mixed_precision not in MIXED_PRECISION:
@@ -258,10 +268,10 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
         raise FewstepError(f"the launcher started {expected_processes()} processes but accelerate runs {world}: each "
                            "would train alone into the same folder; check the accelerate config (on CPUs set "
                            "ACCELERATE_USE_CPU=true)")
-    _check_config(cfg, world)
     if resume and int(saved.get("processes", 1)) != world:
         raise FewstepError(f"{out} was trained with {saved.get('processes', 1)} processes, this run has {world}: "
                            "resume with the same process count (each process's random state is in the checkpoint)")
+    check_config(cfg, world)
 
     nets = place(method, device)
     phases = method.phases()
@@ -280,102 +290,109 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
     optims = [_adamw(ps, cfg.lr * ph.lr_scale, cfg.weight_decay if ph.weight_decay is None else ph.weight_decay,
                      ph.betas, ph.eps) for ph, ps in zip(phases, params)]
 
-    # trained modules through accelerate: DDP in a multi-process run (the method's own module stays what it calls)
-    ema = EMA(method.ema_target(), cfg.ema_decay)  # before accelerate patches forward methods (mixed precision)
+    ema = EMA(method.ema_target(), cfg.ema_decay)
     routes: dict[int, _Route] = {}
-    for m in nets.trained.values():
-        net = core(m)
-        wrapped = acc.prepare_model(net)
-        if wrapped is not net:
-            routes[id(net)] = _Route(net, wrapped)
-    phase_routes = [[r for r in routes.values() if {id(p) for p in r.module.parameters()} & {id(p) for p in ps}]
-                    for ps in params]
+    try:  # from here on, the finally gives the method its networks back as they were (gradients, forward)
+        # trained modules through accelerate: DDP in a multi-process run (the method's own module stays what it calls)
+        for m in nets.trained.values():
+            net = core(m)
+            shim = _Shim(net, net.forward)
+            wrapped = acc.prepare_model(shim)
+            if "_original_forward" in vars(shim):  # the losses already run under autocast; keep outputs as they are
+                shim.forward = vars(shim).pop("_original_forward")
+            if wrapped is not shim:
+                routes[id(net)] = _Route(net, wrapped, shim._forward)
+        phase_routes = [[r for r in routes.values() if {id(p) for p in r.module.parameters()} & {id(p) for p in ps}]
+                        for ps in params]
 
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 7_919 + rank)
-    step, elapsed = 0, 0.0
-    checkpointed = nets.checkpointed()
-    optims = [acc.prepare_optimizer(o, device_placement=False) for o in optims]  # grad scaling for fp16
-    if resume:
-        _load_prefixed(checkpointed, load_tensors(start / "modules.safetensors", "checkpoint weights"), start)
-        ema.module.load_state_dict(load_tensors(start / "ema.safetensors", "checkpoint EMA weights"))
-        opt_state = load_torch_state(start / "optim.pt")
-        for ph, o in zip(phases, optims):
-            o.load_state_dict(opt_state[ph.name]["optim"])
-        if acc.scaler is not None and "_grad_scaler" in opt_state:
-            acc.scaler.load_state_dict(opt_state["_grad_scaler"])
-        _set_rng_state(gen, load_tensors(start / "rng.safetensors", "checkpoint RNG state"), rank,
-                       start / "rng.safetensors")
-        step, elapsed, ema.num_updates = saved["step"], saved["elapsed"], saved["ema_updates"]
-    ema.module.to(device)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 7_919 + rank)
+        step, elapsed = 0, 0.0
+        checkpointed = nets.checkpointed()
+        optims = [acc.prepare_optimizer(o, device_placement=False) for o in optims]  # grad scaling for fp16
+        if resume:
+            _load_prefixed(checkpointed, load_tensors(start / "modules.safetensors", "checkpoint weights"), start)
+            ema.module.load_state_dict(load_tensors(start / "ema.safetensors", "checkpoint EMA weights"))
+            opt_state = load_torch_state(start / "optim.pt")
+            for ph, o in zip(phases, optims):
+                o.load_state_dict(opt_state[ph.name]["optim"])
+            if acc.scaler is not None and "_grad_scaler" in opt_state:
+                acc.scaler.load_state_dict(opt_state["_grad_scaler"])
+            _set_rng_state(gen, load_tensors(start / "rng.safetensors", "checkpoint RNG state"), rank,
+                           start / "rng.safetensors")
+            step, elapsed, ema.num_updates = saved["step"], saved["elapsed"], saved["ema_updates"]
+        ema.module.to(device)
 
-    x_all, y_all = data
-    n = x_all.shape[0]
-    local = cfg.batch // world
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-    if resume and metrics_path.is_file() and acc.is_main_process:  # drop what was logged after the checkpoint
-        kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        write_text(metrics_path, "".join(ln + "\n" for ln in kept))
-    history: list[dict[str, Any]] = []
-    running: dict[str, list[float]] = {}
+        x_all, y_all = data
+        n = x_all.shape[0]
+        local = cfg.batch // world
+        out.mkdir(parents=True, exist_ok=True)
+        metrics_path = out / "metrics.jsonl"
+        if resume and metrics_path.is_file() and acc.is_main_process:  # drop what was logged after the checkpoint
+            kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            write_text(metrics_path, "".join(ln + "\n" for ln in kept))
+        history: list[dict[str, Any]] = []
+        running: dict[str, list[float]] = {}
 
-    def save(step: int) -> None:
-        from accelerate.utils import gather_object
+        def save(step: int) -> None:
+            from accelerate.utils import gather_object
 
-        states = gather_object([_rng_state(gen)])  # every process's RNG state (a collective: all ranks call save)
-        if acc.is_main_process:
-            path = ckpts.root / f"step_{step:08d}"
-            save_tensors(path / "modules.safetensors", _prefixed(checkpointed))
-            save_tensors(path / "ema.safetensors", ema.module.state_dict())
-            state: dict[str, Any] = {ph.name: {"optim": o.state_dict()} for ph, o in zip(phases, optims)}
-            if acc.scaler is not None:
-                state["_grad_scaler"] = acc.scaler.state_dict()
-            save_torch_state(path / "optim.pt", state)
-            save_tensors(path / "rng.safetensors",
-                         {f"{k}{r}": v for r, s in enumerate(states) for k, v in s.items()})
-            write_json(path / "state.json", {"step": step, "elapsed": elapsed + time.perf_counter() - t0,
-                                             "ema_updates": ema.num_updates, "method": method.name,
-                                             "processes": world, "config": dataclasses.asdict(cfg)})
-            ckpts.commit(step)
-            method.save_model(out, ema.module, {"method": method.name, "steps": step,
-                                                "wall_seconds": round(elapsed + time.perf_counter() - t0, 1),
-                                                "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
-                                                "ema_decay": cfg.ema_decay, "device": str(device),
-                                                "processes": world, "mixed_precision": cfg.mixed_precision})
-        acc.wait_for_everyone()
+            states = gather_object([_rng_state(gen)])  # every process's RNG state (a collective: all ranks call save)
+            if acc.is_main_process:
+                path = ckpts.root / f"step_{step:08d}"
+                save_tensors(path / "modules.safetensors", _prefixed(checkpointed))
+                save_tensors(path / "ema.safetensors", ema.module.state_dict())
+                state: dict[str, Any] = {ph.name: {"optim": o.state_dict()} for ph, o in zip(phases, optims)}
+                if acc.scaler is not None:
+                    state["_grad_scaler"] = acc.scaler.state_dict()
+                save_torch_state(path / "optim.pt", state)
+                save_tensors(path / "rng.safetensors",
+                             {f"{k}{r}": v for r, s in enumerate(states) for k, v in s.items()})
+                write_json(path / "state.json", {"step": step, "elapsed": elapsed + time.perf_counter() - t0,
+                                                 "ema_updates": ema.num_updates, "method": method.name,
+                                                 "processes": world, "config": dataclasses.asdict(cfg)})
+                ckpts.commit(step)
+                method.save_model(out, ema.module, {"method": method.name, "steps": step,
+                                                    "wall_seconds": round(elapsed + time.perf_counter() - t0, 1),
+                                                    "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
+                                                    "ema_decay": cfg.ema_decay, "device": str(device),
+                                                    "processes": world, "mixed_precision": cfg.mixed_precision})
+            acc.wait_for_everyone()
 
-    def log_record(step: int, now: float) -> dict[str, Any]:
-        rec: dict[str, Any] = {"step": step, "it_s": round((step - step_log) / (now - t_log), 3),
-                               "lr": cfg.lr * phases[0].lr_scale * lr_factor(step - 1, cfg.warmup, cfg.steps),
-                               "time": round(elapsed + now - t0, 2)}
-        means = {k: sum(v) / len(v) for k, v in running.items() if v}
-        if world > 1 and means:  # the mean over processes (every process logs at the same steps)
-            keys = sorted(means)
-            t = acc.reduce(torch.tensor([means[k] for k in keys], device=device, dtype=torch.float64), "mean")
-            means = dict(zip(keys, t.tolist()))
-        rec.update(means)
-        return rec
+        def log_record(step: int, now: float) -> dict[str, Any]:
+            rec: dict[str, Any] = {"step": step, "it_s": round((step - step_log) / (now - t_log), 3),
+                                   "lr": cfg.lr * phases[0].lr_scale * lr_factor(step - 1, cfg.warmup, cfg.steps),
+                                   "time": round(elapsed + now - t0, 2)}
+            means = {k: sum(v) / len(v) for k, v in running.items() if v}
+            if world > 1:  # the mean over the processes that logged each name (all log at the same steps)
+                from accelerate.utils import gather_object
 
-    def activate(i: int) -> None:
-        """Phase ``i`` runs: only its parameters require gradients, its modules run through DDP."""
-        if toggle:
-            for p in every_trainable:
-                p.requires_grad_(False)
-            for p in params[i]:
-                p.requires_grad_(True)
-        for r in routes.values():
-            r.active = r in phase_routes[i]
+                keys = sorted(set().union(*gather_object([sorted(means)])))
+                t = torch.tensor([[means.get(k, 0.0), float(k in means)] for k in keys], device=device,
+                                 dtype=torch.float64).reshape(-1, 2)
+                t = acc.reduce(t, "sum")
+                means = {k: float(t[i, 0] / t[i, 1]) for i, k in enumerate(keys)}
+            rec.update(means)
+            return rec
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        def activate(i: int) -> None:
+            """Phase ``i`` runs: only its parameters require gradients, its modules run through DDP."""
+            if toggle:
+                for p in every_trainable:
+                    p.requires_grad_(False)
+                for p in params[i]:
+                    p.requires_grad_(True)
+            for r in routes.values():
+                r.active = r in phase_routes[i]
 
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                        disable=not (cfg.progress and acc.is_main_process))
-    before_step = getattr(method, "before_step", None)
-    after_step = getattr(method, "after_step", None)
-    t0 = time.perf_counter()
-    t_log, step_log = t0, step
-    try:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                            disable=not (cfg.progress and acc.is_main_process))
+        before_step = getattr(method, "before_step", None)
+        after_step = getattr(method, "after_step", None)
+        t0 = time.perf_counter()
+        t_log, step_log = t0, step
         with progress:
             task = progress.add_task(method.name, total=cfg.steps, completed=step, info="")
             while step < cfg.steps:
@@ -445,12 +462,6 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
             p.requires_grad_(True)
         for r in routes.values():
             r.restore()
-        for m in nets.trained.values():  # accelerate's mixed-precision forward, so the method's networks are as given
-            net = core(m)
-            if "_original_forward" in net.__dict__:
-                net.forward = net.__dict__.pop("_original_forward")
-                if getattr(net.forward, "__self__", None) is net and net.forward.__func__ is type(net).forward:
-                    del net.forward
     final = {k[5:]: v for k, v in (history[-1] if history else {}).items() if k.startswith("loss/")}
     return TrainResult(out, step, elapsed + time.perf_counter() - t0, final, history)
 

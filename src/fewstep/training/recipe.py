@@ -40,7 +40,7 @@ from fewstep.errors import FewstepError
 from fewstep.io import file_sha256, read_json, write_json
 from fewstep.models.folder import FINAL_STAGE, LoadedModel, model_folder, weights_file
 from fewstep.training.method import Method
-from fewstep.training.processes import barrier, is_main
+from fewstep.training.processes import barrier, expected_processes, is_main
 
 STUDENT = FINAL_STAGE  # the final stage's folder, for every recipe
 KIND_PACKAGES = {"distill": "fewstep.distill", "finetune": "fewstep.finetune"}
@@ -179,6 +179,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value.strip()
+        if isinstance(value, bool):  # YAML 1.1 reads `no` / `yes` (mixed_precision: no) as booleans
+            return "yes" if value else "no"
         raise FewstepError(f"{where}: give a word, got {value!r}")
     raise TypeError(f"unsupported option type {tp}")
 
@@ -400,7 +402,9 @@ class RunContext:
                 run(method, data or self.data, cfg, folder, resume=True)
         else:
             if self.resume and folder.exists():  # started but never checkpointed: nothing worth keeping
-                shutil.rmtree(folder)
+                if is_main():
+                    shutil.rmtree(folder)
+                barrier()
             run(method, data or self.data, cfg, folder)
         config = read_json(folder / "config.json", "stage config")
         self.stages.append({"stage": name, "method": method.name,
@@ -491,6 +495,7 @@ def run_recipe(recipe: Recipe, ctx: RunContext) -> RunResult:
         raise FewstepError(f"{ctx.out} has no {ctx.record_file.name} (not a fewstep {recipe.kind} run): choose a new "
                            "--out")
     ctx.record = record  # written by the first stage, so options a method rejects leave nothing behind
+    barrier()  # and every process has read what the checks above read before the first write
     final = recipe.run(ctx)
     total = ctx.total_seconds()
     cfg = read_json(final / "config.json", "final stage config")
@@ -532,8 +537,12 @@ def prepare(recipe: Recipe, resolved: Resolved, out: Path, teacher: Path | None 
         raise FewstepError(f"--data {name} has samples of shape {ds.sample_shape}, the teacher makes "
                            f"{tuple(model.sample_shape)}")
     labels = ds.y if (model.config.num_classes if model else ds.num_classes) else None
+    from fewstep.training.loop import check_config
+
+    train_config = resolved.loop.train_config(progress)
+    check_config(train_config, expected_processes())  # e.g. --batch vs processes x --grad-accum: before any write
     return RunContext(model, Path(teacher) if model is not None else None, (ds.x, labels), name, out,
-                      resolved.options, resolved.loop.train_config(progress), resume=resume, kind=recipe.kind)
+                      resolved.options, train_config, resume=resume, kind=recipe.kind)
 
 
 def start(kind: str, name: str, out: Path, *, teacher: Path | None = None, data: str | None = None,

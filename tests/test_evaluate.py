@@ -171,10 +171,13 @@ def test_bench_student_rows(digits_teacher, tmp_path):
   - {{name: pd, model: {tmp_path / 'progressive' / 'student'}, steps: 1}}
   - {{name: cd, model: {tmp_path / 'consistency' / 'student'}, steps: [1, 2]}}
   - {{name: later, model: {tmp_path / 'missing'}}}
+  - {{name: wip, model: {tmp_path / 'unfinished'}}}
 """)
+    (tmp_path / "unfinished").mkdir()  # a distillation run still going: its run record, no student yet
+    (tmp_path / "unfinished" / "distill.json").write_text("{}")
     r = _run("bench", cfg)
     assert r.exit_code == 0, r.output
-    assert "student:later" in r.output and "skipped" in r.output
+    assert "student:later" in r.output and "student:wip" in r.output and r.output.count("skipped") == 2
     db = sqlite3.connect(tmp_path / "out" / "results.sqlite")
     results = {json.loads(j)["label"]: json.loads(j) for (j,) in db.execute("SELECT result FROM rows")}
     assert {"student:pd x1", "student:cd x1", "student:cd x2"} <= set(results)

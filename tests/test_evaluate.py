@@ -174,7 +174,7 @@ def test_bench_student_rows(digits_teacher, tmp_path):
   - {{name: wip, model: {tmp_path / 'unfinished'}}}
 """)
     (tmp_path / "unfinished").mkdir()  # a distillation run still going: its run record, no student yet
-    (tmp_path / "unfinished" / "distill.json").write_text("{}")
+    (tmp_path / "unfinished" / "distill.json").write_text('{"method": "progressive", "options": {}}')
     r = _run("bench", cfg)
     assert r.exit_code == 0, r.output
     assert "student:later" in r.output and "student:wip" in r.output and r.output.count("skipped") == 2

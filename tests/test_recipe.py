@@ -304,3 +304,20 @@ def test_bench_teacher_settings_are_parsed_by_type():
     assert cfg.lr == 1e-3 and isinstance(cfg.lr, float) and cfg.steps == 100 and opts.conditional is True
     with pytest.raises(FewstepError, match="teacher.train.batch: give a whole number"):
         teacher_recipe("digits", {"batch": "many"})
+
+
+def test_yaml_files_that_cannot_be_read_are_one_line(tmp_path):
+    """--config and bench configs go through one reader: missing, not UTF-8 and broken YAML are one-line errors (a
+    bench config that was not UTF-8 gave a UnicodeDecodeError traceback)."""
+    from fewstep.evaluate.bench import load_bench_config
+
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [1, 2\n")
+    for path, match in ((tmp_path / "missing.yaml", "does not exist"), (latin, "is not valid YAML"),
+                        (broken, "is not valid YAML")):
+        with pytest.raises(FewstepError, match=f"bench config .*{path.name} {match}"):
+            load_bench_config(path)
+        with pytest.raises(FewstepError, match=f"--config .*{path.name} {match}"):
+            resolve_options(get_recipe("distill", "progressive"), file=path)

@@ -57,6 +57,19 @@ def read_json(path: Path, what: str = "config") -> dict[str, Any]:
     return obj
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file through the safe loader (``what`` names it in errors: ``"--config x.yaml"``); None if empty."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FewstepError(f"{what} does not exist")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise FewstepError(f"{what} is not valid YAML ({str(e).splitlines()[0]})") from None
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 import fewstep
 from fewstep.data.datasets import IMAGE_DATASETS
 from fewstep.errors import FewstepError
 from fewstep.evaluate.features import feature_weights_sha256
-from fewstep.io import file_sha256, read_json, write_text
+from fewstep.io import file_sha256, read_json, read_yaml, write_text
 
 METRICS_VERSION = 1
 SPACINGS = ("trailing", "leading", "linspace")
@@ -83,12 +82,7 @@ def _merge(a: dict, b: dict) -> dict:
 
 def load_bench_config(path: Path, profile: str = "full") -> BenchConfig:
     path = Path(path)
-    if not path.is_file():
-        raise FewstepError(f"bench config {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise FewstepError(f"bench config {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_yaml(path, f"bench config {path}")  # not UTF-8 is one line too
     if not isinstance(raw, dict):
         raise FewstepError(f"bench config {path} should be a YAML mapping")
     profiles = raw.pop("profiles", {}) or {}

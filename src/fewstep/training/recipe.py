@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 
 from fewstep.errors import FewstepError
-from fewstep.io import file_sha256, read_json, write_json
+from fewstep.io import file_sha256, read_json, read_yaml, write_json
 from fewstep.models.folder import FINAL_STAGE, LoadedModel, model_folder, weights_file
 from fewstep.training.method import Method
 from fewstep.training.processes import barrier, expected_processes, is_main
@@ -272,15 +272,7 @@ def unknown_option(recipe: Recipe, name: str, where: str) -> FewstepError:
 
 def read_options_file(path: Path) -> dict[str, Any]:
     """A YAML mapping of option names to values."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FewstepError(f"--config {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise FewstepError(f"--config {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_yaml(path, f"--config {path}")
     if raw is None:
         return {}
     if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):

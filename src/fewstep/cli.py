@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fewstep.cli_data import data_options
 from fewstep.errors import FewstepError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -55,10 +56,16 @@ def _parse_timesteps(text: str | None) -> list[float] | None:
         raise FewstepError(f"--timesteps {text!r}: give comma-separated numbers, e.g. 999,666,333") from None
 
 
+DATA_HELP = ("Data: digits, mnist, fashion, gmm, moons, swissroll, checkerboard, or your own: a folder of PNG/JPEG "
+             "images (class sub-folders give labels), a .npy or .npz (x, optional y) array, or a datasets "
+             "save_to_disk folder (see the 'Your own data' flags).")
+
+
 @app.command()
 @_friendly
+@data_options
 def train(
-    data: Annotated[str, typer.Option(help="Dataset: digits, mnist, fashion, gmm, moons, swissroll, checkerboard.")],
+    data: Annotated[str, typer.Option(help=DATA_HELP)],
     out: Annotated[Path, typer.Option(help="Run folder: becomes a model folder (plus checkpoints/, metrics.jsonl).")],
     preset: Annotated[str | None, typer.Option(help="Network preset: tiny8, tiny28, small28, base32, test8, mlp, "
                                                   "mlp-small (default: by data shape).")] = None,
@@ -78,13 +85,16 @@ def train(
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step (the global batch must divide "
                                             "by processes x grad_accum).")] = 1,
     beta_schedule: Annotated[str, typer.Option(help="ddpm: linear, scaled_linear or squaredcos_cap_v2.")] = "linear",
+    hflip: Annotated[bool, typer.Option("--hflip", help="Random horizontal flips of the training images (off by "
+                                        "default; --resume repeats them exactly).")] = False,
 ) -> None:
     """Train a teacher (DDPM, EDM or flow matching). Works unchanged under `accelerate launch -m fewstep train`."""
     from fewstep.training.loop import TrainConfig
     from fewstep.training.teacher import TeacherOptions, train_teacher
 
     cfg = TrainConfig(steps=steps, batch=batch, lr=lr, ema_decay=ema_decay, ckpt_every=ckpt_every, seed=seed,
-                      grad_accum=grad_accum, mixed_precision=mixed_precision, progress=sys.stderr.isatty())
+                      grad_accum=grad_accum, mixed_precision=mixed_precision, progress=sys.stderr.isatty(),
+                      hflip=hflip)
     result = train_teacher(TeacherOptions(data=data, preset=preset, objective=objective, prediction=prediction,
                                           conditional=conditional, beta_schedule=beta_schedule, seed=seed),
                            cfg, out, resume=resume)

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperCommand
 
+from fewstep.cli_data import data_options
 from fewstep.errors import FewstepError
 
 
@@ -70,6 +71,7 @@ def register(app: typer.Typer, friendly, out_console) -> None:
 
     @app.command(cls=DistillCommand)
     @friendly
+    @data_options
     def distill(
         out: Annotated[Path, typer.Option(help="New folder (or the run to --resume): the student is OUT/student, "
                                           "earlier stages sit beside it; `--model OUT` loads the student.")],
@@ -77,7 +79,8 @@ def register(app: typer.Typer, friendly, out_console) -> None:
                                                      "used by ct.")] = None,
         method: Annotated[str, typer.Option(help="The method (progressive, guided, consistency, ct, reflow, ...); "
                                             "`--method NAME --help` lists its options.")] = "progressive",
-        data: Annotated[str | None, typer.Option(help="Training data (default: the teacher's recorded dataset).")]
+        data: Annotated[str | None, typer.Option(help="Training data: a data set's name or your own source (see "
+                                                    "`fewstep train --help`; default: the teacher's recorded data).")]
         = None,
         set_: Annotated[list[str] | None, typer.Option(
             "--set", help="KEY=VALUE: set one of the method's or the loop's options (repeatable; wins over the "
@@ -112,6 +115,8 @@ def register(app: typer.Typer, friendly, out_console) -> None:
         mixed_precision: Annotated[str | None, typer.Option(help="no, fp16 or bf16 (through accelerate).")] = None,
         resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in OUT exactly.")]
         = False,
+        hflip: Annotated[bool, typer.Option("--hflip", help="Random horizontal flips of the training images.")]
+        = False,
     ) -> None:
         """Distil a teacher into a few-step student (a model folder that `sample`, `evaluate` and `bench` take).
 
@@ -122,7 +127,7 @@ def register(app: typer.Typer, friendly, out_console) -> None:
                      guidance_range=_range(guidance_range), loss=loss, start_steps=start_steps,
                      teacher_steps=teacher_steps, pairs=pairs, preset=preset, ema_target=ema_target,
                      ema_decay=ema_decay, batch=batch, lr=lr, seed=seed, grad_accum=grad_accum,
-                     mixed_precision=mixed_precision)
+                     mixed_precision=mixed_precision, hflip=hflip or None)
         values = {k: v for k, v in given.items() if v is not None}
         res = start("distill", method, out, teacher=teacher, data=data, config=config, values=values,
                     sets=set_ or (), resume=resume, label=_flag)

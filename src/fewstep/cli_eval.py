@@ -7,6 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from fewstep.cli_data import data_options
+
 
 def _fmt(v) -> str:
     if v is None:
@@ -21,12 +23,14 @@ def _fmt(v) -> str:
 def register(app: typer.Typer, friendly, out_console, parse_timesteps, help_texts: dict[str, str]) -> None:
     @app.command()
     @friendly
+    @data_options
     def evaluate(
         model: Annotated[Path, typer.Option(help="A model folder (fewstep or diffusers).")],
         sampler: Annotated[str | None, typer.Option(help="ddpm, ddim, euler, heun, dpmpp-2m or "
                                                        "consistency (default: the model's recorded sampler).")] = None,
-        data: Annotated[str | None, typer.Option(help="Reference dataset (default: the one the model records; "
-                                                    "required for diffusers folders).")] = None,
+        data: Annotated[str | None, typer.Option(help="Reference data, measured against its test split: a data "
+                                                    "set's name or your own source (default: the data the model "
+                                                    "records; required for diffusers folders).")] = None,
         steps: Annotated[int | None, typer.Option(help=help_texts["steps"])] = None,
         spacing: Annotated[str | None, typer.Option(help=help_texts["spacing"])] = None,
         timesteps: Annotated[str | None, typer.Option(help=help_texts["timesteps"])] = None,

@@ -99,6 +99,11 @@ def load_torch_state(path: Path, what: str = "optimizer state") -> Any:
                            ) from None
 
 
+def cache_dir() -> Path:
+    """``$FEWSTEP_CACHE`` or ``~/.cache/fewstep``: feature networks, extracted arrays."""
+    return Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep"))
+
+
 def file_sha256(path: Path, length: int = 16) -> str:
     """The first ``length`` hex digits of a file's SHA-256 (read in 1 MiB chunks)."""
     h = hashlib.sha256()

@@ -214,16 +214,30 @@ def preset_backbone(preset: str, sample_shape: tuple[int, ...], num_classes: int
     if len(sample_shape) != 3:
         raise FewstepError(f"preset {preset!r} is for images, got samples of shape {sample_shape}")
     cfg = copy.deepcopy(UNET_PRESETS[preset])
-    if cfg["sample_size"] != sample_shape[1]:
+    h, w = sample_shape[1], sample_shape[2]
+    factor = 2 ** (len(cfg["block_out_channels"]) - 1)  # each level but the last halves the size
+    if h % factor or w % factor:
+        fits = sorted({max(factor, round(s / factor) * factor) for s in (h, w)})
         raise FewstepError(
-            f"preset {preset!r} is for {cfg['sample_size']}x{cfg['sample_size']} images, the data is "
-            f"{sample_shape[1]}x{sample_shape[2]}: pick a preset of that size"
+            f"preset {preset!r} has {len(cfg['block_out_channels'])} levels, so image sides must divide by {factor}; "
+            f"the data is {h}x{w}: pass --resolution {fits[0]} (or another multiple of {factor}), or another preset"
         )
-    cfg.update(in_channels=sample_shape[0], out_channels=sample_shape[0], num_class_embeds=classes)
+    # presets adapt to the data: the preset's widths and levels at the data's size and channels
+    cfg.update(sample_size=h if h == w else (h, w), in_channels=sample_shape[0], out_channels=sample_shape[0],
+               num_class_embeds=classes)
     return "unet2d", cfg
 
 
 def default_preset(sample_shape: tuple[int, ...]) -> str:
+    """By size: tiny8 up to 16 pixels a side, small28 for 28 (and sizes that divide by 4 but not 8), base32
+    otherwise (sides dividing by 8)."""
     if len(sample_shape) == 1:
         return "mlp"
-    return {8: "tiny8", 28: "small28", 32: "base32"}.get(sample_shape[1], "base32")
+    side = min(sample_shape[1], sample_shape[2])
+    if side == 28:
+        return "small28"
+    if side <= 16:
+        return "tiny8"
+    if sample_shape[1] % 8 or sample_shape[2] % 8:
+        return "small28"
+    return "base32"

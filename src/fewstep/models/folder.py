@@ -59,7 +59,8 @@ class ModelConfig:
     sample_shape: list[int]
     num_classes: int = 0
     null_class: int | None = None  # the label that means "no class" (classifier-free guidance)
-    data: str | None = None
+    data: str | None = None  # a built-in data set's name or a user's data key (fewstep.data.spec)
+    data_record: dict[str, Any] | None = None  # a user's data: content hashes, split, sizes (fewstep.data.datasets)
     role: str = "teacher"
     boundary: str | None = None  # "lcm": consistency-model boundary condition applied to the prediction
     guidance_range: list[float] | None = None  # the network takes the guidance scale as an input (trained range)
@@ -68,7 +69,7 @@ class ModelConfig:
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k in ("boundary", "guidance_range"):  # students' fields: absent unless set (older configs stay equal)
+        for k in ("boundary", "guidance_range", "data_record"):  # absent unless set (older configs stay equal)
             if d[k] is None:
                 del d[k]
         return {"format": FORMAT, "fewstep_version": fewstep.__version__, **d}

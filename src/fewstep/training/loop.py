@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -53,6 +54,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"  # "no", "fp16", "bf16" (through accelerate)
     progress: bool = True
+    hflip: bool = False  # random horizontal flips of image batches (a function of seed and step: resume is exact)
 
 
 @dataclass
@@ -70,10 +72,38 @@ def batch_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
     epoch, offset = pos // n, pos % n
     out = torch.empty(batch, dtype=torch.long)
     for e in epoch.unique().tolist():  # a batch spans at most a few epochs
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + e))
+        perm = _epoch_permutation(n, seed, e)
         mask = epoch == e
         out[mask] = perm[offset[mask]]
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """One epoch's order (cached: drawing a permutation of millions of images every step would cost more than
+    the step on small networks)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def flip_mask(step: int, batch: int, seed: int) -> torch.Tensor:
+    """Which samples of the global batch at ``step`` are flipped (``hflip``): a function of seed and step only,
+    so a resumed run flips the same images, whatever the process count."""
+    return torch.rand(batch, generator=torch.Generator().manual_seed(seed * 1_000_003 + step + 17)) < 0.5
+
+
+class _StepBatches:
+    """The local index batches of steps ``start..steps-1`` (the sampler of a lazy data set's DataLoader)."""
+
+    def __init__(self, start: int, cfg: TrainConfig, n: int, rank: int, local: int):
+        self.start, self.cfg, self.n, self.rank, self.local = start, cfg, n, rank, local
+
+    def __iter__(self) -> Iterator[Any]:
+        for step in range(self.start, self.cfg.steps):
+            idx = batch_indices(step, self.n, self.cfg.batch, self.cfg.seed)
+            yield idx[self.rank * self.local:(self.rank + 1) * self.local].numpy()
+
+    def __len__(self) -> int:
+        return max(0, self.cfg.steps - self.start)
 
 
 def _adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float, betas: tuple[float, float],
@@ -325,6 +355,8 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
         x_all, y_all = data
         n = x_all.shape[0]
         local = cfg.batch // world
+        # a data set read lazily (fewstep.data.datasets.LazyImages) is decoded ahead in DataLoader workers
+        lazy = iter(x_all.loader(_StepBatches(step, cfg, n, rank, local))) if hasattr(x_all, "loader") else None
         out.mkdir(parents=True, exist_ok=True)
         metrics_path = out / "metrics.jsonl"
         if resume and metrics_path.is_file() and acc.is_main_process:  # drop what was logged after the checkpoint
@@ -400,8 +432,11 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
                     with acc.autocast():
                         before_step(step, gen)
                 idx = batch_indices(step, n, cfg.batch, cfg.seed)[rank * local:(rank + 1) * local]
-                xb = x_all[idx].to(device, non_blocking=True)
+                xb = (next(lazy) if lazy is not None else x_all[idx]).to(device, non_blocking=True)
                 yb = y_all[idx].to(device) if y_all is not None else None
+                if cfg.hflip and xb.dim() == 4:
+                    flip = flip_mask(step, cfg.batch, cfg.seed)[rank * local:(rank + 1) * local].to(device)
+                    xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
                 micro = _micro(xb, yb, cfg.grad_accum)
                 contexts = [StepContext(step, gen, j) for j in range(len(micro))]
                 factor = lr_factor(step, cfg.warmup, cfg.steps)

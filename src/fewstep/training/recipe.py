@@ -87,6 +87,7 @@ class LoopOptions(Options):
     seed: int = opt(0, "seed of initialization, data order and noise")
     ckpt_every: int | None = opt(None, "checkpoint every N steps (default: iters / 4)")
     log_every: int = opt(25, "log the losses every N steps")
+    hflip: bool = opt(False, "random horizontal flips of the training images (a function of seed and step)")
 
     def validate(self) -> None:
         from fewstep.training.loop import MIXED_PRECISION
@@ -113,6 +114,7 @@ class LoopOptions(Options):
                            weight_decay=self.weight_decay, grad_clip=self.grad_clip, ema_decay=self.ema_decay,
                            grad_accum=self.grad_accum, ckpt_every=self.ckpt_every or max(1, self.iters // 4),
                            log_every=self.log_every, seed=self.seed, mixed_precision=self.mixed_precision,
+                           hflip=self.hflip,
                            progress=progress)
 
 
@@ -491,6 +493,12 @@ def run_recipe(recipe: Recipe, ctx: RunContext) -> RunResult:
     final = recipe.run(ctx)
     total = ctx.total_seconds()
     cfg = read_json(final / "config.json", "final stage config")
+    if ctx.data_name and cfg.get("data_record") is None:
+        from fewstep.data.datasets import data_record
+
+        record = data_record(ctx.data_name)
+        if record is not None:
+            cfg["data_record"] = record
     cfg["training"] = {**cfg.get("training", {}), "method": recipe.name, f"{recipe.kind}_stages": ctx.stages,
                        f"{recipe.kind}_wall_seconds": total,
                        "teacher": str(ctx.teacher_folder) if ctx.teacher_folder else None}
@@ -524,10 +532,15 @@ def prepare(recipe: Recipe, resolved: Resolved, out: Path, teacher: Path | None 
     name = data or (model.config.data if model else None)
     if name is None:
         raise FewstepError(f"{teacher or 'the method'} does not record its dataset: pass --data")
+    if data is None and model is not None:
+        from fewstep.data.datasets import check_recorded
+
+        check_recorded(name, model.config.data_record, str(teacher))
     ds = load_dataset(name, "train")
     if model is not None and tuple(ds.sample_shape) != tuple(model.sample_shape):
-        raise FewstepError(f"--data {name} has samples of shape {ds.sample_shape}, the teacher makes "
-                           f"{tuple(model.sample_shape)}")
+        raise FewstepError(f"--data {name} has samples of shape {tuple(ds.sample_shape)}, the teacher makes "
+                           f"{tuple(model.sample_shape)}: pass the data it was trained on (or --resolution/--channels "
+                           "to match)")
     labels = ds.y if (model.config.num_classes if model else ds.num_classes) else None
     from fewstep.training.loop import check_config
 

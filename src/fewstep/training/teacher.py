@@ -139,7 +139,8 @@ def build_teacher(opts: TeacherOptions) -> tuple[TeacherMethod, tuple[torch.Tens
 
     ds = load_dataset(opts.data, "train")
     if opts.conditional and not ds.num_classes:
-        raise FewstepError(f"--conditional needs labels and {opts.data} has none: drop --conditional")
+        raise FewstepError(f"--conditional needs labels and {opts.data} has none (a folder's labels are its class "
+                           "sub-folders; an array's its y or --labels): drop --conditional")
     num_classes = ds.num_classes if opts.conditional else 0
     kind, bcfg = preset_backbone(opts.preset or default_preset(ds.sample_shape), ds.sample_shape, num_classes)
     torch.manual_seed(opts.seed)
@@ -202,5 +203,9 @@ class TeacherMethod:
         return self.denoiser.net
 
     def save_model(self, out: Path, net: nn.Module, training: dict[str, Any]) -> None:
+        from fewstep.data.datasets import data_record
+
         self.config.training = {"objective": self.spec.objective, **training}
+        if self.spec.data is not None and self.config.data_record is None:
+            self.config.data_record = data_record(self.spec.data)
         save_model(out, self.config, net)

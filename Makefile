@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check $(TORCH)
 	@$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
-	$(PY) -m pip install --disable-pip-version-check -c $(VENV)/torch-constraint.txt -e ".[dev]"
+	$(PY) -m pip install --disable-pip-version-check -c $(VENV)/torch-constraint.txt -e ".[dev,datasets]"
 	-@$(MAKE) --no-print-directory fashion
 	@touch $(STAMP)
 

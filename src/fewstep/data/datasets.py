@@ -267,8 +267,40 @@ class OwnData:
                 "sample_shape": list(self.sample_shape)}
 
 
-@cache
+def _stamp(path: str | None) -> tuple[Any, ...]:
+    """Sizes and modification times of a source's files: a changed file gives another stamp (so the in-memory
+    caches below never serve an edited source), at the cost of a stat per file."""
+    if path is None:
+        return ()
+    p = Path(path)
+    if p.is_dir():
+        out = []
+        for dirpath, dirnames, filenames in os.walk(p):
+            dirnames.sort()
+            for f in sorted(filenames):
+                st = os.stat(os.path.join(dirpath, f))
+                out.append((dirpath, f, st.st_size, st.st_mtime_ns))
+        return tuple(out)
+    try:
+        st = p.stat()
+    except OSError:
+        return ("missing",)
+    return (st.st_size, st.st_mtime_ns)
+
+
+def source_stamp(key: str) -> tuple[Any, ...]:
+    from fewstep.data.spec import parse_key
+
+    spec = parse_key(key)
+    return (_stamp(spec.source), _stamp(spec.labels), _stamp(spec.test), os.environ.get("FEWSTEP_MEMORY_BUDGET"))
+
+
 def _own(key: str) -> OwnData:
+    return _own_cached(key, source_stamp(key))
+
+
+@cache
+def _own_cached(key: str, stamp: tuple[Any, ...]) -> OwnData:
     from fewstep.data.sources import open_source
     from fewstep.data.spec import DEFAULT_TEST_FRACTION, SPLIT_SEED, parse_key
 
@@ -328,9 +360,13 @@ def own_data(key: str) -> OwnData:
     return _own(key)
 
 
-@cache
 def _own_split(key: str, split: str) -> Dataset:
-    own = _own(key)
+    return _own_split_cached(key, split, source_stamp(key))
+
+
+@cache
+def _own_split_cached(key: str, split: str, stamp: tuple[Any, ...]) -> Dataset:
+    own = _own_cached(key, stamp)
     source, index = (own.train_source, own.train_index) if split == "train" else (own.test_source, own.test_index)
     assert source is not None
     y = torch.from_numpy(source.labels[index]) if source.labels is not None else None

@@ -258,3 +258,17 @@ def test_cli_train_distill_on_a_folder_and_rgb_export(tmp_path):
 
     unet = UNet2DModel.from_pretrained(tmp_path / "diffusers" / "unet")
     assert unet.config.in_channels == 3 and unet.config.sample_size == 16 and unet.config.num_class_embeds == 4
+
+
+def test_cli_trains_and_samples_from_an_npz_given_as_a_relative_path(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "x.npz", x=rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8), y=np.arange(40) % 4)
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["train", "--data", "x.npz", "--conditional", "--preset", "test8", "--steps", "3",
+                            "--batch", "8", "--out", "t"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert cfg["data"] == str(tmp_path / "x.npz") and cfg["num_classes"] == 4 and cfg["sample_shape"] == [3, 8, 8]
+    r = runner.invoke(app, ["sample", "--model", "t", "--n", "4", "--steps", "2", "--out", "s.npy"])
+    assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / "s.npy").shape == (4, 3, 8, 8)

@@ -371,8 +371,9 @@ def _own_split_cached(key: str, split: str, stamp: tuple[Any, ...]) -> Dataset:
     assert source is not None
     y = torch.from_numpy(source.labels[index]) if source.labels is not None else None
     if source.nbytes(len(index)) <= memory_budget():
-        parts = [source.read(index[lo:lo + 4096]) for lo in range(0, len(index), 4096)]
-        x: torch.Tensor | LazyImages = torch.cat(parts) if parts else torch.empty((0, *source.sample_shape))
+        x: torch.Tensor | LazyImages = torch.empty((len(index), *source.sample_shape))  # filled in place: no copy
+        for lo in range(0, len(index), 4096):
+            x[lo:lo + 4096] = source.read(index[lo:lo + 4096])
     else:
         x = LazyImages(source, index)
     return Dataset(key, split, x, y, own.num_classes)

@@ -80,6 +80,37 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
+def bench_data(value: Any, base: Path, path: Path) -> str:
+    """A bench config's ``data``: a data set's name, a source path (relative to the config's folder), or a mapping
+    ``{source: PATH, resolution: 16, ...}`` with the options of ``--data`` (labels, range, resolution, channels,
+    test_fraction, test, image_column, label_column, skip_bad_images); returns the data key."""
+    from fewstep.data.spec import data_key, is_builtin
+
+    if isinstance(value, str):
+        if is_builtin(value):
+            return value
+        value = {"source": value}
+    if not isinstance(value, dict) or not isinstance(value.get("source"), str):
+        raise FewstepError(f"bench config {path}: data is a data set's name, a path, or a mapping with a `source` "
+                           f"path and --data's options, got {value!r}")
+    opts = dict(value)
+    source = opts.pop("source")
+    if not is_builtin(source) and not Path(source).is_absolute():
+        source = str(base / source)
+    for k in ("labels", "test"):  # paths relative to the config's folder
+        if isinstance(opts.get(k), str) and not Path(opts[k]).is_absolute():
+            opts[k] = str(base / opts[k])
+    from fewstep.data.spec import FLAGS
+
+    unknown = set(opts) - set(FLAGS)
+    if unknown:
+        raise FewstepError(f"bench config {path}: data has unknown keys {', '.join(sorted(unknown))}: use source, "
+                           f"{', '.join(FLAGS)}")
+    if is_builtin(source) and not opts:
+        return source
+    return data_key(source, **opts)
+
+
 def load_bench_config(path: Path, profile: str = "full") -> BenchConfig:
     path = Path(path)
     raw = read_yaml(path, f"bench config {path}")  # not UTF-8 is one line too
@@ -97,6 +128,8 @@ def load_bench_config(path: Path, profile: str = "full") -> BenchConfig:
     if "folder" not in teacher:
         raise FewstepError(f"bench config {path}: teacher.folder is required")
     base = path.parent
+    if "data" in raw:
+        raw["data"] = bench_data(raw["data"], base, path)
     cfg = BenchConfig(**{**raw, "out": base / raw.get("out", f"results/{raw.get('name', 'bench')}"),
                          "teacher_folder": base / teacher["folder"], "teacher_train": teacher.get("train") or {},
                          "raw": {**raw, "teacher": teacher, "profile": profile}})

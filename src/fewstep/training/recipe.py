@@ -88,6 +88,7 @@ class LoopOptions(Options):
     ckpt_every: int | None = opt(None, "checkpoint every N steps (default: iters / 4)")
     log_every: int = opt(25, "log the losses every N steps")
     hflip: bool = opt(False, "random horizontal flips of the training images (a function of seed and step)")
+    log_with: str | None = opt(None, "also log the metrics to tensorboard or wandb (accelerate's trackers; offline)")
 
     def validate(self) -> None:
         from fewstep.training.loop import MIXED_PRECISION
@@ -114,7 +115,7 @@ class LoopOptions(Options):
                            weight_decay=self.weight_decay, grad_clip=self.grad_clip, ema_decay=self.ema_decay,
                            grad_accum=self.grad_accum, ckpt_every=self.ckpt_every or max(1, self.iters // 4),
                            log_every=self.log_every, seed=self.seed, mixed_precision=self.mixed_precision,
-                           hflip=self.hflip,
+                           hflip=self.hflip, log_with=self.log_with,
                            progress=progress)
 
 
@@ -532,6 +533,9 @@ def prepare(recipe: Recipe, resolved: Resolved, out: Path, teacher: Path | None 
     name = data or (model.config.data if model else None)
     if name is None:
         raise FewstepError(f"{teacher or 'the method'} does not record its dataset: pass --data")
+    from fewstep.data.spec import data_key
+
+    name = data_key(name)  # a path as given -> its key (absolute, canonical); a built-in name stays
     if data is None and model is not None:
         from fewstep.data.datasets import check_recorded
 

@@ -11,6 +11,7 @@ Class-conditional teachers drop labels to the null class with probability ``p_un
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,8 +136,10 @@ def build_teacher(opts: TeacherOptions) -> tuple[TeacherMethod, tuple[torch.Tens
     """The one place a teacher is built from its options: (method, training data).  Seeds torch's global RNG with
     ``opts.seed`` before initializing the network, so the same options give the same weights everywhere."""
     from fewstep.data.datasets import load_dataset
+    from fewstep.data.spec import data_key
     from fewstep.models.backbones import default_preset, preset_backbone
 
+    opts = dataclasses.replace(opts, data=data_key(opts.data))  # a path as given -> its key (absolute, canonical)
     ds = load_dataset(opts.data, "train")
     if opts.conditional and not ds.num_classes:
         raise FewstepError(f"--conditional needs labels and {opts.data} has none (a folder's labels are its class "

@@ -37,7 +37,8 @@ def register(app: typer.Typer, friendly, out_console, parse_timesteps, help_text
         guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (1: none).")] = None,
         eta: Annotated[float, typer.Option(help="DDIM eta.")] = 0.0,
         n: Annotated[int | None, typer.Option(help="Samples (default: the size of the test split, e.g. 500 "
-                                                 "for digits, 1000 for mnist; FD is compared at equal n).")] = None,
+                                                 "for digits, 1000 for mnist; at least 100 on images; FD is "
+                                                 "compared at equal n).")] = None,
         seed: Annotated[int, typer.Option(help="Noise seed (same seed, same numbers).")] = 0,
         json_out: Annotated[Path | None, typer.Option("--json", help="Write every metric as JSON here.")] = None,
         batch_size: Annotated[int, typer.Option(help="Samples per network call.")] = 500,
@@ -45,7 +46,7 @@ def register(app: typer.Typer, friendly, out_console, parse_timesteps, help_text
                                                 "slow on CPU, biased at small n).")] = False,
     ) -> None:
         """Sample a model and measure FD, KID, precision/recall, class accuracy and cost against the test split."""
-        from fewstep.evaluate.runner import default_n, evaluate_samples, model_dataset
+        from fewstep.evaluate.runner import check_n, default_n, evaluate_samples, model_dataset
         from fewstep.generate import sample_model
         from fewstep.io import write_json
         from fewstep.models.folder import load_model
@@ -57,6 +58,7 @@ def register(app: typer.Typer, friendly, out_console, parse_timesteps, help_text
 
             _network()  # fail early with the install hint
         n = n or default_n(dataset)
+        check_n(dataset, n)  # too few, or more than the splits hold: before sampling
         res = sample_model(m, n, sampler=sampler, steps=steps, spacing=spacing, timesteps=parse_timesteps(timesteps),
                            guidance=guidance, seed=seed, eta=eta, batch_size=batch_size)
         row = evaluate_samples(dataset, str(model), res, seed)
@@ -73,7 +75,7 @@ def register(app: typer.Typer, friendly, out_console, parse_timesteps, help_text
         for key in ("fd", "fd_ci", "kid", "precision", "recall", "accuracy", "swd", "mmd", "loglik", "inception_fd"):
             if js.get(key) is not None:
                 table.add_row(key, _fmt(js[key]), _fmt(floor.get(key)))
-        for key in ("nfe", "wall_seconds", "samples_per_s", "peak_rss_mb", "feature_accuracy"):
+        for key in ("nfe", "wall_seconds", "samples_per_s", "peak_rss_mb", "feature_accuracy", "feature_error"):
             if js.get(key) is not None:
                 table.add_row(key, _fmt(js[key]), "")
         out_console.print(table)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 import fewstep
-from fewstep.data.datasets import IMAGE_DATASETS
+from fewstep.data.datasets import is_image_data
 from fewstep.errors import FewstepError
 from fewstep.evaluate.features import feature_weights_sha256
 from fewstep.io import file_sha256, read_json, read_yaml, write_text
@@ -368,18 +368,19 @@ def row_key(row: Row, keys: KeyContext, model: str | None = None) -> str:
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     from fewstep.evaluate.report import write_report
-    from fewstep.evaluate.runner import default_n, evaluate_samples, measure
+    from fewstep.evaluate.runner import check_n, default_n, evaluate_samples, measure
     from fewstep.images import write_samples
     from fewstep.models.folder import load_model, model_folder
 
+    n = cfg.n or default_n(cfg.data)
+    check_n(cfg.data, n)  # too few (image data), or more than the splits hold: before training anything
     folder = ensure_teacher(cfg, log)
     teacher = load_model(folder)
-    n = cfg.n or default_n(cfg.data)
     out = Path(cfg.out)
     db = ResultsDB(out / "results.sqlite")
     run_id = db.start_run(cfg.raw)
     # the metrics' own network: a retrained (or differently trained) one measures differently
-    features_hash = feature_weights_sha256(cfg.data) if cfg.data in IMAGE_DATASETS else None
+    features_hash = feature_weights_sha256(cfg.data) if is_image_data(cfg.data) else None
     keys = KeyContext.of(teacher, n, cfg.seed, cfg.guidance, cfg.data, features_hash)
     results: list[dict[str, Any]] = []
     rows = plan_rows(cfg)

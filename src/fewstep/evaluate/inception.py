@@ -51,16 +51,23 @@ def inception_features(x: torch.Tensor, batch: int = 50) -> np.ndarray:
 
 
 @cache
-def _reference(dataset: str, n: int) -> np.ndarray:
+def _reference(dataset: str, n: int, stamp: tuple = ()) -> np.ndarray:
+    """Features of ``n`` test images of ``dataset`` (built in, or a user's source: ``stamp`` is its file stamps, so
+    an edited source is read again); a lazy split is read 500 images at a time."""
     from fewstep.data.datasets import load_dataset
 
     test = load_dataset(dataset, "test")
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(1234))[:n]
-    return inception_features(test.x[idx])
+    if isinstance(test.x, torch.Tensor):
+        return inception_features(test.x[idx])
+    return np.concatenate([inception_features(test.x[idx[lo:lo + 500]]) for lo in range(0, len(idx), 500)])
 
 
 def inception_fd(dataset: str, x: torch.Tensor) -> float:
-    """InceptionV3 FD of samples ``x`` against ``len(x)`` test images of ``dataset``."""
+    """InceptionV3 FD of samples ``x`` against ``len(x)`` test images of ``dataset`` (1-channel images are repeated
+    to 3 channels, RGB used as it is)."""
+    from fewstep.data.datasets import DATASETS, source_stamp
     from fewstep.evaluate.metrics import fd
 
-    return fd(inception_features(x), _reference(dataset, len(x)))
+    stamp = () if dataset in DATASETS else source_stamp(dataset)
+    return fd(inception_features(x), _reference(dataset, len(x), stamp))

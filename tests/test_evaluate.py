@@ -62,7 +62,7 @@ data: digits
 out: out
 teacher: {{folder: {teacher}}}
 guidance: 2.0
-n: 100
+n: 200
 samplers: [ddim, heun]
 nfe: [1, 2]
 baselines: [DDIM]

@@ -60,49 +60,49 @@ def test_labelled_folder_gets_a_classifier_cached_by_key_and_content(tmp_path, m
 
 def test_unlabelled_array_gets_an_autoencoder(tmp_path):
     rng = np.random.default_rng(0)
-    np.save(tmp_path / "x.npy", np.stack([shape_image(CLASSES[i % 3], 8, rng) for i in range(500)]))  # no labels
-    key = data_key(str(tmp_path / "x.npy"), test_fraction=0.25)
+    np.save(tmp_path / "x.npy", np.stack([shape_image(CLASSES[i % 3], 8, rng) for i in range(600)]))  # no labels
+    key = data_key(str(tmp_path / "x.npy"), test_fraction=0.4)
     fx = feature_extractor(key)
     assert fx.kind == "autoencoder" and fx.test_accuracy is None and 0 < fx.test_error < 1
     info = json.loads((features._folder(key) / "info.json").read_text())
     assert info["kind"] == "autoencoder" and info["test_error"] == fx.test_error and info["test_accuracy"] is None
     test = load_dataset(key, "test")
     f, pred = fx(test.x)
-    assert f.shape == (125, features.FEATURE_DIM) and pred is None
+    assert f.shape == (240, features.FEATURE_DIM) and pred is None
     train = load_dataset(key, "train").x
-    q = R.measure(key, train[torch.randperm(len(train))[:125]], None, bootstrap=0)
+    q = R.measure(key, train[torch.randperm(len(train))[:240]], None, bootstrap=0)
     assert q.fd is not None and q.kid is not None and q.precision is not None and q.floor.fd is not None
     assert q.feature_accuracy is None and q.feature_error == fx.test_error and q.accuracy is None
-    noisy = R.measure(key, torch.rand(125, 3, 8, 8) * 2 - 1, None, bootstrap=0)
+    noisy = R.measure(key, torch.rand(240, 3, 8, 8) * 2 - 1, None, bootstrap=0)
     assert noisy.fd > 10 * q.fd
 
 
 def test_fd_is_refused_below_its_minimum_naming_the_n_available(tmp_path):
-    src = write_shapes(tmp_path / "few", 300, size=8)  # 10% held out: 30 test images
+    src = write_shapes(tmp_path / "few", 500, size=8)  # 10% held out: 50 test images
     key = data_key(str(src))
-    with pytest.raises(FewstepError, match=rf"the test split of .*few has 30 images; .* at least {R.MIN_IMAGE_N}: "
+    with pytest.raises(FewstepError, match=rf"the test split of .*few has 50 images; .* at least {R.MIN_IMAGE_N}: "
                                            r"hold out more images \(--test-fraction\)"):
         R.default_n(key)
-    with pytest.raises(FewstepError, match="has 30 images"):
-        R.measure(key, torch.zeros(30, 3, 8, 8))
-    more = data_key(str(src), test_fraction=0.5)  # 150 test images: enough, but not for --n 50
+    with pytest.raises(FewstepError, match="has 50 images"):
+        R.measure(key, torch.zeros(50, 3, 8, 8))
+    more = data_key(str(src), test_fraction=0.5)  # 250 test images: enough, but not for --n 50
     with pytest.raises(FewstepError, match=rf"--n 50 is too few .* at least {R.MIN_IMAGE_N} samples \(the test "
-                                           r"split of .* has 150\)"):
+                                           r"split of .* has 250\)"):
         R.check_n(more, 50)
-    assert R.default_n(more) == 150 and R.default_n("digits") == 500  # the built-in sets are above it
+    assert R.default_n(more) == 250 and R.default_n("digits") == 500  # the built-in sets are above it
     R.check_n("gmm", 10)  # 2-D points have no minimum
 
 
 def test_evaluate_finds_the_models_data_and_refuses_a_changed_source(tmp_path):
     src = write_shapes(tmp_path / "shapes", 600, size=8)
-    r = cli.invoke(app, ["train", "--data", str(src), "--test-fraction", "0.2", "--conditional", "--preset", "test8",
+    r = cli.invoke(app, ["train", "--data", str(src), "--test-fraction", "0.4", "--conditional", "--preset", "test8",
                          "--steps", "5", "--batch", "8", "--out", str(tmp_path / "t")])
     assert r.exit_code == 0, r.output
     args = ["evaluate", "--model", str(tmp_path / "t"), "--sampler", "ddim", "--steps", "1"]
     r = cli.invoke(app, [*args, "--json", str(tmp_path / "e.json")])  # no --data: the recorded key and split
     assert r.exit_code == 0, r.output
     js = json.loads((tmp_path / "e.json").read_text())
-    assert js["n"] == 120 and js["dataset"] == data_key(str(src), test_fraction=0.2)
+    assert js["n"] == 240 and js["dataset"] == data_key(str(src), test_fraction=0.4)
     assert js["fd"] is not None and js["accuracy"] is not None and js["feature_accuracy"] > 0.5
     r = cli.invoke(app, [*args, "--n", "50"])
     assert r.exit_code == 2 and "--n 50 is too few for image data" in r.output
@@ -110,13 +110,13 @@ def test_evaluate_finds_the_models_data_and_refuses_a_changed_source(tmp_path):
     r = cli.invoke(app, args)
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert "has changed since" in r.output and "--data" in r.output
-    r = cli.invoke(app, [*args, "--data", str(src), "--test-fraction", "0.2"])  # as it is now, asked for by name
+    r = cli.invoke(app, [*args, "--data", str(src), "--test-fraction", "0.4"])  # as it is now, asked for by name
     assert r.exit_code == 0, r.output
 
 
 def test_a_lazy_split_trains_and_measures_as_in_memory(tmp_path, monkeypatch):
     src = write_shapes(tmp_path / "shapes", 600, size=8)
-    key = data_key(str(src), test_fraction=0.2)
+    key = data_key(str(src), test_fraction=0.4)
     mem = features.train_feature_net(key)
     monkeypatch.setenv("FEWSTEP_MEMORY_BUDGET", "1K")  # every split larger than this is read on demand
     monkeypatch.setenv("FEWSTEP_DATA_WORKERS", "0")
@@ -124,5 +124,5 @@ def test_a_lazy_split_trains_and_measures_as_in_memory(tmp_path, monkeypatch):
     lazy = features.train_feature_net(key)
     assert lazy.test_accuracy == mem.test_accuracy
     assert all(torch.equal(a, b) for a, b in zip(lazy.net.state_dict().values(), mem.net.state_dict().values()))
-    q = R.measure(key, load_dataset(key, "train").x[torch.arange(120)], None, bootstrap=0)
+    q = R.measure(key, load_dataset(key, "train").x[torch.arange(200)], None, bootstrap=0)
     assert q.fd is not None and q.feature_accuracy is not None

@@ -352,7 +352,7 @@ def check_recorded(name: str, record: dict[str, Any] | None, model: str) -> None
     changed = [k for k in ("hash", "test_hash") if record.get(k) and record.get(k) != now.get(k)]
     if changed:
         raise FewstepError(f"{source} has changed since {model} was trained on it (content hash {record.get('hash')} "
-                           f"then, {now.get('hash')} now): restore it, or pass --data {source} to use it as it is now")
+                           f"then, {now.get('hash')} now): restore it, or pass --data '{name}' to use it as it is now")
 
 
 def own_data(key: str) -> OwnData:

@@ -56,6 +56,16 @@ def plot(results: list[dict[str, Any]], metric: str, x: str) -> bytes:
     return buf.getvalue()
 
 
+def _feature_facts(results: list[dict]) -> str:
+    """The feature network's quality: a classifier's test accuracy, or an autoencoder's (unlabelled data) test
+    reconstruction error."""
+    acc = next((r.get("feature_accuracy") for r in results if r.get("feature_accuracy") is not None), None)
+    err = next((r.get("feature_error") for r in results if r.get("feature_error") is not None), None)
+    if acc is None and err is not None:
+        return f"features from an autoencoder (unlabelled data), test reconstruction MSE {_num(err, 4)}"
+    return f"feature network test accuracy {_num(acc, 4)}"
+
+
 def _img(data: bytes, alt: str, cls: str = "") -> str:
     return f'<img class="{cls}" alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
@@ -104,8 +114,7 @@ def write_report(out: Path, name: str, results: list[dict[str, Any]], teacher: d
     facts = (f"teacher <code>{html.escape(teacher['folder'])}</code>: {html.escape(str(training.get('objective', '')))}"
              f", {training.get('steps', '?')} steps, {training.get('wall_seconds', '?')} s of training; data "
              f"<b>{html.escape(teacher['data'])}</b>; n = {teacher['n']} samples per row against the test split; "
-             f"guidance {teacher['guidance']}; feature network test accuracy "
-             f"{_num(next((r.get('feature_accuracy') for r in results), None), 4)}; floor "
+             f"guidance {teacher['guidance']}; {_feature_facts(results)}; floor "
              + ", ".join(f"{k} {_num(v)}" for k, v in floor.items() if v is not None))
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>fewstep bench: {html.escape(name)}</title>

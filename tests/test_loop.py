@@ -185,8 +185,8 @@ def test_grad_scaler_state_is_checkpointed_and_restored(tmp_path, monkeypatch):
     scaler in the checkpoint it would restart from the initial scale."""
     original = loop.make_accelerator
 
-    def with_scaler(cfg, find_unused_parameters=False):
-        acc = original(cfg, find_unused_parameters)
+    def with_scaler(cfg, find_unused_parameters=False, out=None):
+        acc = original(cfg, find_unused_parameters, out)
         acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=2)
         return acc
 

@@ -20,10 +20,10 @@ def train_teacher(data: str, out: str | Path, *, preset: str | None = None, obje
                   prediction: str | None = None, conditional: bool = False, beta_schedule: str = "linear",
                   steps: int = 3000, batch: int = 64, lr: float = 1e-3, ema_decay: float = 0.999,
                   ckpt_every: int = 500, seed: int = 0, grad_accum: int = 1, mixed_precision: str = "no",
-                  resume: bool = False, progress: bool = False) -> TrainResult:
+                  resume: bool = False, progress: bool = False, log_with: str | None = None) -> TrainResult:
     """Train a teacher into the model folder ``out`` exactly as ``fewstep train`` does (same defaults)."""
     cfg = TrainConfig(steps=steps, batch=batch, lr=lr, ema_decay=ema_decay, ckpt_every=ckpt_every, seed=seed,
-                      grad_accum=grad_accum, mixed_precision=mixed_precision, progress=progress)
+                      grad_accum=grad_accum, mixed_precision=mixed_precision, progress=progress, log_with=log_with)
     opts = TeacherOptions(data=data, preset=preset, objective=objective, prediction=prediction,
                           conditional=conditional, beta_schedule=beta_schedule, seed=seed)
     return _train_teacher(opts, cfg, Path(out), resume=resume)

@@ -14,6 +14,8 @@ from rich.table import Table
 
 from fewstep.cli_data import data_options
 from fewstep.errors import FewstepError
+from fewstep.threads import THREADS_HELP, apply_threads, default_threads
+from fewstep.training.trackers import LOG_WITH_HELP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="fewstep: train diffusion teachers, sample them, distill them into few-step students, "
@@ -87,14 +89,17 @@ def train(
     beta_schedule: Annotated[str, typer.Option(help="ddpm: linear, scaled_linear or squaredcos_cap_v2.")] = "linear",
     hflip: Annotated[bool, typer.Option("--hflip", help="Random horizontal flips of the training images (off by "
                                         "default; --resume repeats them exactly).")] = False,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
+    log_with: Annotated[str | None, typer.Option(help=LOG_WITH_HELP)] = None,
 ) -> None:
     """Train a teacher (DDPM, EDM or flow matching). Works unchanged under `accelerate launch -m fewstep train`."""
+    apply_threads(threads)
     from fewstep.training.loop import TrainConfig
     from fewstep.training.teacher import TeacherOptions, train_teacher
 
     cfg = TrainConfig(steps=steps, batch=batch, lr=lr, ema_decay=ema_decay, ckpt_every=ckpt_every, seed=seed,
                       grad_accum=grad_accum, mixed_precision=mixed_precision, progress=sys.stderr.isatty(),
-                      hflip=hflip)
+                      hflip=hflip, log_with=log_with)
     result = train_teacher(TeacherOptions(data=data, preset=preset, objective=objective, prediction=prediction,
                                           conditional=conditional, beta_schedule=beta_schedule, seed=seed),
                            cfg, out, resume=resume)
@@ -126,8 +131,10 @@ def sample(
     latents: Annotated[Path | None, typer.Option(help="Initial noise as .npy (n, C, H, W), unit-variance eps "
                                                     "(the VP state at the first timestep).")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per network call.")] = 256,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
 ) -> None:
     """Sample a model with a standard solver, optionally guided."""
+    apply_threads(threads)
     import numpy as np
     import torch
 
@@ -192,6 +199,7 @@ def main() -> None:
 
     if os.environ.get("RANK", "0") != "0":  # torchrun / accelerate launch: one process reports, every one errs
         out_console.quiet = True
+    default_threads(sys.argv[1:])  # before anything imports torch (fewstep.threads)
     try:
         app()
     finally:

@@ -14,6 +14,8 @@ from typer.core import TyperCommand
 
 from fewstep.cli_data import data_options
 from fewstep.errors import FewstepError
+from fewstep.threads import THREADS_HELP, apply_threads
+from fewstep.training.trackers import LOG_WITH_HELP
 
 
 def _flag(name: str) -> str:
@@ -117,17 +119,20 @@ def register(app: typer.Typer, friendly, out_console) -> None:
         = False,
         hflip: Annotated[bool, typer.Option("--hflip", help="Random horizontal flips of the training images.")]
         = False,
+        threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
+        log_with: Annotated[str | None, typer.Option(help=LOG_WITH_HELP)] = None,
     ) -> None:
         """Distil a teacher into a few-step student (a model folder that `sample`, `evaluate` and `bench` take).
 
         Every option error (an unknown name, a bad value) is reported before anything is written."""
+        apply_threads(threads)
         from fewstep.training.recipe import start
 
         given = dict(steps=steps, iters=iters, reparam_iters=reparam_iters, guidance=guidance,
                      guidance_range=_range(guidance_range), loss=loss, start_steps=start_steps,
                      teacher_steps=teacher_steps, pairs=pairs, preset=preset, ema_target=ema_target,
                      ema_decay=ema_decay, batch=batch, lr=lr, seed=seed, grad_accum=grad_accum,
-                     mixed_precision=mixed_precision, hflip=hflip or None)
+                     mixed_precision=mixed_precision, hflip=hflip or None, log_with=log_with)
         values = {k: v for k, v in given.items() if v is not None}
         res = start("distill", method, out, teacher=teacher, data=data, config=config, values=values,
                     sets=set_ or (), resume=resume, label=_flag)

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from fewstep.cli_data import data_options
+from fewstep.threads import THREADS_HELP, apply_threads
 
 
 def _fmt(v) -> str:
@@ -44,8 +45,10 @@ def register(app: typer.Typer, friendly, out_console, parse_timesteps, help_text
         batch_size: Annotated[int, typer.Option(help="Samples per network call.")] = 500,
         inception: Annotated[bool, typer.Option("--inception", help="Also InceptionV3 FD (needs `make inception`; "
                                                 "slow on CPU, biased at small n).")] = False,
+        threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
     ) -> None:
         """Sample a model and measure FD, KID, precision/recall, class accuracy and cost against the test split."""
+        apply_threads(threads)
         from fewstep.evaluate.runner import check_n, default_n, evaluate_samples, model_dataset
         from fewstep.generate import sample_model
         from fewstep.io import write_json
@@ -88,11 +91,13 @@ def register(app: typer.Typer, friendly, out_console, parse_timesteps, help_text
         config: Annotated[Path, typer.Argument(help="Benchmark YAML (see benchmarks/*.yaml).")],
         profile: Annotated[str, typer.Option(help="quick or full: which profile of the config to run.")] = "full",
         out: Annotated[Path | None, typer.Option(help="Output folder (default: the config's `out`).")] = None,
+        threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
     ) -> None:
         """Run a quality-vs-speed sweep on one teacher: samplers x NFE, diffusers baselines, students.
 
         Rows are cached one by one in a SQLite database, so an interrupted run resumes; writes CSV, plots,
         sample grids and a self-contained HTML report."""
+        apply_threads(threads)
         from fewstep.evaluate.bench import load_bench_config, run_bench
 
         cfg = load_bench_config(config, profile)

@@ -35,6 +35,7 @@ from fewstep.io import load_tensors, load_torch_state, read_json, save_tensors, 
 from fewstep.training.ema import EMA
 from fewstep.training.method import Batch, Method, Networks, StepContext, loss_value
 from fewstep.training.processes import expected_processes, use_cpu
+from fewstep.training.trackers import PROJECT, check_tracker, tracker_kwargs
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -55,6 +56,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # "no", "fp16", "bf16" (through accelerate)
     progress: bool = True
     hflip: bool = False  # random horizontal flips of image batches (a function of seed and step: resume is exact)
+    log_with: str | None = None  # also log the metrics to accelerate's "tensorboard" or "wandb" tracker (trackers.py)
 
 
 @dataclass
@@ -218,14 +220,15 @@ class _Route:
             del self.module.forward
 
 
-def make_accelerator(cfg: TrainConfig, find_unused_parameters: bool = False) -> Any:
-    """The accelerate ``Accelerator`` of a run (tests replace this to inject a stand-in grad scaler)."""
+def make_accelerator(cfg: TrainConfig, find_unused_parameters: bool = False, out: Path | None = None) -> Any:
+    """The accelerate ``Accelerator`` of a run in ``out`` (tests replace this to inject a stand-in grad scaler)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     def make() -> Any:
         return Accelerator(cpu=use_cpu(), mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1,
-                           kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)])
+                           kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+                           log_with=cfg.log_with, project_dir=None if out is None else str(out))
 
     try:
         return make()
@@ -267,6 +270,7 @@ def check_config(cfg: TrainConfig, world: int) -> None:
         raise FewstepError("--steps, --batch, --ckpt-every and --grad-accum must be at least 1")
     if cfg.mixed_precision not in MIXED_PRECISION:
         raise FewstepError(f"--mixed-precision {cfg.mixed_precision!r}: use no, fp16 or bf16")
+    check_tracker(cfg.log_with)
     if cfg.batch % (world * cfg.grad_accum):
         raise FewstepError(f"--batch {cfg.batch} (the global batch) must divide by processes x --grad-accum = "
                            f"{world} x {cfg.grad_accum}: choose a multiple of {world * cfg.grad_accum}")
@@ -284,15 +288,18 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
         if start is None:
             raise FewstepError(f"--resume: {out} has no checkpoint to resume from (train without --resume first)")
         saved = read_json(start / "state.json", "checkpoint state")
-        cfg = TrainConfig(**{**saved["config"], "progress": cfg.progress})
+        # an older state.json has no log_with; where to also log is this command's choice when it makes one
+        cfg = TrainConfig(**{**saved["config"], "progress": cfg.progress,
+                             "log_with": cfg.log_with or saved["config"].get("log_with")})
     elif (out / "checkpoints").exists() or (out / "config.json").exists():
         raise FewstepError(f"{out} already holds a model or training run: pass --resume or choose a new --out")
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FewstepError(f"{out} exists and is not an empty folder: choose a new --out (nothing was written)")
     if cfg.mixed_precision not in MIXED_PRECISION:
         raise FewstepError(f"--mixed-precision {cfg.mixed_precision!r}: use no, fp16 or bf16")
+    check_tracker(cfg.log_with)
 
-    acc = make_accelerator(cfg, bool(getattr(method, "find_unused_parameters", False)))
+    acc = make_accelerator(cfg, bool(getattr(method, "find_unused_parameters", False)), out)
     device, world, rank = acc.device, acc.num_processes, acc.process_index
     if world != expected_processes():
         raise FewstepError(f"the launcher started {expected_processes()} processes but accelerate runs {world}: each "
@@ -362,6 +369,9 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
         if resume and metrics_path.is_file() and acc.is_main_process:  # drop what was logged after the checkpoint
             kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
             write_text(metrics_path, "".join(ln + "\n" for ln in kept))
+        if cfg.log_with is not None:  # the same records as metrics.jsonl (main process only, as accelerate does)
+            acc.init_trackers(PROJECT, {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None},
+                              tracker_kwargs(cfg.log_with, out, step if resume else None))
         history: list[dict[str, Any]] = []
         running: dict[str, list[float]] = {}
 
@@ -483,6 +493,7 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
                     if acc.is_main_process:
                         with open(metrics_path, "a", encoding="utf-8") as f:
                             f.write(json.dumps(rec) + "\n")
+                        acc.log({k: v for k, v in rec.items() if k != "step"}, step=step)
                     t_log, step_log = now, step
                     info = " ".join(f"{k.split('/', 1)[1] if k.startswith('loss/') else k} {v:.4f}"
                                     for k, v in rec.items() if "/" in k)
@@ -493,6 +504,8 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
                     save(step)
         save(step)
     finally:
+        for tracker in acc.trackers:  # not acc.end_training(): that also ends the process group a later stage needs
+            tracker.finish()
         for p in every_trainable:
             p.requires_grad_(True)
         for r in routes.values():

@@ -183,8 +183,8 @@ def main() -> None:
     print(json.dumps(stream), flush=True)
     import torch
 
-    result = {"npy": big, "png_folder": stream, "torch_threads": torch.get_num_threads(),
-              "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/data_scale.py" + (" --quick" if a.quick else "")}
+    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/data_scale.py" + (" --quick" if a.quick else "")
+    result = {"npy": big, "png_folder": stream, "torch_threads": torch.get_num_threads(), "command": command}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {a.out}")

@@ -112,7 +112,8 @@ def _sample_args(model_key, *extra):
 
 BAD_INPUT = {
     "unknown sampler": (_sample_args("uncond", "--sampler", "rk4"), "unknown sampler 'rk4'"),
-    "unknown dataset": (lambda m, tmp: ["train", "--data", "nope", "--out", tmp / "run"], "unknown data set 'nope'"),
+    "unknown dataset": (lambda m, tmp: ["train", "--data", "nope", "--out", tmp / "run"],
+                        r"--data .*nope: no such file or folder \(built-in data sets: digits"),
     "missing model folder": (lambda m, tmp: ["sample", "--model", tmp / "no_such", "--out", tmp / "x.npy"],
                              "does not exist"),
     "model is a file": (lambda m, tmp: ["sample", "--model", m["cond"] / "config.json", "--out", tmp / "x.npy"],

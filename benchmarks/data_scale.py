@@ -5,8 +5,8 @@
 
 Builds (once, in --work, default /tmp/fewstep-data-scale) a uint8 .npy of mnist images tiled to 4 GB and a folder
 of 50,000 mnist PNGs in class sub-folders; then
-  1. trains `fewstep train --data BIG.npy --preset test8` for 100 steps in a subprocess and samples the resident
-     memory of its whole process tree (the trainer and its DataLoader workers) every 0.2 s;
+  1. trains `fewstep train --data BIG.npy --preset test8` for 300 steps in a subprocess and samples the resident
+     memory (RSS and PSS) of its whole process tree (the trainer and its DataLoader workers) every 0.2 s;
   2. reads the same 200 random batches of 64 from the PNG folder through LazyImages.loader (2 workers) and from
      the folder loaded into memory, and trains 50 steps each way, reporting images/s and it/s.
 Writes benchmarks/results/data_scale.json (or --out).
@@ -63,21 +63,25 @@ def build_pngs(folder: Path, n: int) -> None:
     (folder / ".done").write_text("ok")
 
 
-def tree_rss_mb(pid: int) -> float:
+def tree_memory_mb(pid: int) -> tuple[float, float]:
+    """(RSS, PSS) summed over a process and its children, in MiB.  RSS counts the pages the processes share (torch's
+    libraries, forked DataLoader workers) once per process; PSS divides each shared page among its sharers, so its
+    sum is the tree's real footprint."""
     import psutil
 
     try:
         p = psutil.Process(pid)
         procs = [p, *p.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0.0
-    total = 0
+        return 0.0, 0.0
+    rss = pss = 0
     for q in procs:
         try:
-            total += q.memory_info().rss
+            info = q.memory_full_info()
+            rss, pss = rss + info.rss, pss + info.pss
         except psutil.NoSuchProcess:
             pass
-    return total / 2**20
+    return rss / 2**20, pss / 2**20
 
 
 def train_big(npy: Path, out: Path, steps: int) -> dict:
@@ -88,11 +92,12 @@ def train_big(npy: Path, out: Path, steps: int) -> dict:
            "--batch", "64", "--ckpt-every", str(steps), "--out", str(out)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = [0.0]
+    peak = [0.0, 0.0]
 
     def watch() -> None:
         while proc.poll() is None:
-            peak[0] = max(peak[0], tree_rss_mb(proc.pid))
+            rss, pss = tree_memory_mb(proc.pid)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
             time.sleep(0.2)
 
     t = threading.Thread(target=watch)
@@ -103,6 +108,7 @@ def train_big(npy: Path, out: Path, steps: int) -> dict:
         raise SystemExit(f"training on {npy} failed:\n{stderr[-2000:]}")
     cfg = json.loads((out / "config.json").read_text())
     return {"command": " ".join(cmd), "npy_bytes": npy.stat().st_size, "peak_tree_rss_mb": round(peak[0], 1),
+            "peak_tree_pss_mb": round(peak[1], 1),
             "wall_seconds": round(time.perf_counter() - t0, 1), "steps": steps,
             "train_wall_seconds": cfg["training"]["wall_seconds"], "n_train": cfg["data_record"]["n_train"],
             "stdout": stdout.strip()}
@@ -173,7 +179,7 @@ def main() -> None:
     t0 = time.perf_counter()
     build_npy(npy, gb)
     print(f"npy {npy} ({npy.stat().st_size / 1e9:.2f} GB) ready in {time.perf_counter() - t0:.0f} s", flush=True)
-    big = train_big(npy, a.work / "big-run", 100)
+    big = train_big(npy, a.work / "big-run", 300)
     print(json.dumps(big), flush=True)
     folder = a.work / f"png{pngs}"
     t0 = time.perf_counter()

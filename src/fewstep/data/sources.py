@@ -252,19 +252,48 @@ class ArraySource(Source):
         return src
 
     def _count_outside(self) -> int:
-        a = self.array
-        if a.dtype == np.uint8:
+        if self.array.dtype == np.uint8:
             return 0
         count = 0
-        for lo in range(0, a.shape[0], READ_CHUNK):
-            c = np.asarray(a[lo:lo + READ_CHUNK])
+        for lo in range(0, self.n, READ_CHUNK):
+            c = self._rows(np.arange(lo, min(self.n, lo + READ_CHUNK)))
             count += int(np.count_nonzero((c < self.lo) | (c > self.hi) | ~np.isfinite(c)))
         return count
 
+    def _rows(self, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` (sorted) of the array.  A memory-mapped .npy is read with ``os.pread``, one call per run of
+        consecutive rows, not through the map: pages a map touches stay in the process's resident memory (and a
+        page cache of large folios maps up to megabytes per touched row), so a long run over a 4 GB file would
+        end with gigabytes resident; pread leaves them in the kernel's page cache, which is not ours."""
+        a = self.array
+        if not isinstance(a, np.memmap) or not a.flags.c_contiguous:
+            return np.asarray(a[idx])
+        row = int(np.prod(a.shape[1:])) * a.itemsize
+        out = np.empty((len(idx), *a.shape[1:]), dtype=a.dtype)
+        flat = out.reshape(len(idx), -1).view(np.uint8)
+        fd = self._fd()
+        starts = np.flatnonzero(np.diff(idx, prepend=idx[:1] - 2) != 1) if len(idx) else np.array([], int)
+        ends = np.append(starts[1:], len(idx))
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            want = (e - s) * row
+            data = os.pread(fd, want, a.offset + int(idx[s]) * row)
+            if len(data) != want:
+                raise FewstepError(f"{self.path} is shorter than its header says: it changed or is truncated")
+            flat[s:e] = np.frombuffer(data, dtype=np.uint8).reshape(e - s, row)
+        return out
+
+    def _fd(self) -> int:
+        """This process's descriptor of the file (DataLoader workers are forked: each opens its own)."""
+        pid = os.getpid()
+        if getattr(self, "_fd_pid", None) != pid:
+            self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for the source's lifetime
+            self._fd_pid = pid
+        return self._file.fileno()
+
     def read(self, idx: np.ndarray) -> torch.Tensor:
         idx = np.asarray(idx, dtype=np.int64)
-        order = np.argsort(idx, kind="stable")  # read a memory map in file order, then put back
-        a = np.asarray(self.array[idx[order]])
+        order = np.argsort(idx, kind="stable")  # read in file order, then put back
+        a = self._rows(idx[order])
         if self.layout == "NHW":
             a = a[:, None]
         elif self.layout == "NHWC":

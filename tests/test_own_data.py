@@ -236,9 +236,10 @@ def test_a_changed_source_is_noticed_by_the_in_memory_cache(tmp_path):
 
 
 def test_cli_train_distill_on_a_folder_and_rgb_export(tmp_path):
-    shapes = write_shapes(tmp_path / "shapes", 60, size=16)
-    r = runner.invoke(app, ["train", "--data", str(shapes), "--conditional", "--preset", "test8", "--steps", "4",
-                            "--batch", "8", "--hflip", "--out", str(tmp_path / "t")])
+    shapes = write_shapes(tmp_path / "shapes", 60, size=20)
+    r = runner.invoke(app, ["train", "--data", str(shapes), "--resolution", "16", "--channels", "3", "--conditional",
+                            "--preset", "test8", "--steps", "4", "--batch", "8", "--hflip", "--out",
+                            str(tmp_path / "t")])
     assert r.exit_code == 0, r.output
     cfg = json.loads((tmp_path / "t" / "config.json").read_text())
     assert cfg["sample_shape"] == [3, 16, 16] and cfg["num_classes"] == 3 and cfg["data_record"]["n_train"] == 54
@@ -251,7 +252,8 @@ def test_cli_train_distill_on_a_folder_and_rgb_export(tmp_path):
                             str(tmp_path / "d")])
     assert r.exit_code == 0, r.output
     student = json.loads((tmp_path / "d" / "student" / "config.json").read_text())
-    assert student["data"] == str(shapes) and student["data_record"]["hash"] == cfg["data_record"]["hash"]
+    assert student["data"] == cfg["data"] == data_key(str(shapes), resolution=16, channels=3)
+    assert student["data_record"]["hash"] == cfg["data_record"]["hash"]
     r = runner.invoke(app, ["export", str(tmp_path / "t"), str(tmp_path / "diffusers")])
     assert r.exit_code == 0, r.output
     from diffusers import UNet2DModel

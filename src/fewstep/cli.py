@@ -167,6 +167,8 @@ def info(model: Annotated[Path, typer.Argument(help="A model folder.")]) -> None
     from fewstep.models.folder import describe, load_model
 
     table = Table(show_header=False, box=None)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # long values (a data key, a path) wrap, never end in "..."
     for k, v in describe(load_model(model)):
         table.add_row(f"[bold]{k}[/bold]", escape(v))
     out_console.print(table)

@@ -346,6 +346,11 @@ def describe(model: LoadedModel) -> list[tuple[str, str]]:
         ("data", c.data or "unknown (pass --data where needed)"),
         ("sampling", f"{s.sampler}, {how}, guidance {s.guidance}"),
     ]
+    r = c.data_record
+    if r:
+        names = f"; classes {', '.join(r['class_names'])}" if r.get("class_names") else ""
+        rows.insert(-1, ("data record", f"{r.get('n_train')} train / {r.get('n_test')} test images ({r.get('split')}); "
+                                        f"content hash {r.get('hash')}{names}"))
     if c.boundary:
         rows.append(("boundary", f"{c.boundary} (a consistency model: f(x, sigma_min) = x)"))
     if c.guidance_range:

@@ -131,10 +131,25 @@ def bad_memory_budget(tmp):
     return [str(_folder(tmp)), "--memory-budget", "lots"], r"--memory-budget 'lots': give a size"
 
 
+def broken_link(tmp):
+    src = _folder(tmp)
+    (src / "gone.png").symlink_to(tmp / "nowhere.png")
+    return [str(src)], r"gone\.png is not a readable image"
+
+
+def npz_object_array(tmp):
+    np.savez(tmp / "o.npz", x=np.zeros((5, 8, 8), np.uint8), y=np.array([{"a": 1}] * 5, dtype=object))
+    return [str(tmp / "o.npz")], r"o\.npz: an array in it cannot be read"
+
+
+def range_on_a_folder(tmp):
+    return [str(_folder(tmp)), "--range", "0,1"], r"--range do not apply here: .* is an image folder"
+
+
 CASES = [empty, truncated, not_an_image, sizes_differ, mixed_folder, labels_float, labels_count, npz_without_x,
          float_without_range, range_on_uint8, bad_range, wrong_shape, pickled_npy, missing, unknown_suffix,
          flags_on_built_in, channels_two, preset_does_not_divide, conditional_without_labels, held_out_too_big,
-         bad_memory_budget]
+         bad_memory_budget, broken_link, npz_object_array, range_on_a_folder]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
@@ -170,3 +185,18 @@ def test_distill_and_evaluate_data_flags_without_data_are_refused(tmp_path):
     write_shapes(tmp_path / "s", 6, size=8)
     res = CliRunner().invoke(app, ["evaluate", "--model", str(tmp_path / "nope"), "--resolution", "8"])
     assert res.exit_code == 2 and "--resolution say how to read --data: pass --data too" in res.stderr
+
+
+def labels_elsewhere_ok(tmp):  # not bad: labels in another folder (the hash once took paths relative to the data)
+    (tmp / "a").mkdir()
+    (tmp / "b").mkdir()
+    np.save(tmp / "a" / "x.npy", np.zeros((5, 8, 8), np.uint8))
+    np.save(tmp / "b" / "y.npy", np.arange(5) % 2)
+    return [str(tmp / "a" / "x.npy"), "--labels", str(tmp / "b" / "y.npy")]
+
+
+def test_labels_in_another_folder_are_fine(tmp_path):
+    res = CliRunner().invoke(app, ["train", "--data", *labels_elsewhere_ok(tmp_path), "--test-fraction", "0",
+                                   "--preset", "test8", "--steps", "1", "--batch", "2", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+

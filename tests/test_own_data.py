@@ -274,3 +274,72 @@ def test_cli_trains_and_samples_from_an_npz_given_as_a_relative_path(tmp_path, m
     r = runner.invoke(app, ["sample", "--model", "t", "--n", "4", "--steps", "2", "--out", "s.npy"])
     assert r.exit_code == 0, r.output
     assert np.load(tmp_path / "s.npy").shape == (4, 3, 8, 8)
+
+
+def test_a_big_npz_is_extracted_and_read_back_exactly(tmp_path, monkeypatch):
+    x = np.random.default_rng(1).integers(0, 256, (50, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "big.npz", x=x)
+    key = data_key(str(tmp_path / "big.npz"), test_fraction=0.0)
+    monkeypatch.setenv("FEWSTEP_MEMORY_BUDGET", "1K")  # over budget: extracted to the cache, read by pread
+    lazy = load_dataset(key, "train")
+    assert isinstance(lazy.x, LazyImages)
+    assert torch.equal(lazy.x[torch.arange(50)], (torch.from_numpy(x).float()[:, None] - 127.5) / 127.5)
+
+
+def test_a_test_folder_missing_a_class_keeps_the_training_class_ids(tmp_path):
+    for split, classes in (("train", ("cat", "dog", "zebra")), ("test", ("cat", "zebra"))):
+        for c, value in zip(classes, (40 if classes[0] == "cat" else 0, 120, 200) if split == "train" else (40, 200)):
+            for i in range(3):
+                (tmp_path / split / c).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.full((8, 8), value, np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    key = data_key(str(tmp_path / "train"), test=str(tmp_path / "test"))
+    test = load_dataset(key, "test")
+    zebra = test.x[:, 0, 0, 0] > 0.5  # pixel 200
+    assert test.y[zebra].tolist() == [2, 2, 2] and test.y[~zebra].tolist() == [0, 0, 0] and test.num_classes == 3
+    (tmp_path / "test" / "lion").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "test" / "lion" / "0.png")
+    with pytest.raises(FewstepError, match=r"has classes the training data does not \(lion"):
+        load_dataset(key, "test")
+
+
+def test_sixteen_bit_grayscale_pngs_are_scaled_not_clipped(tmp_path):
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040)  # 0 .. 65520
+    (tmp_path / "g").mkdir()
+    Image.fromarray(ramp).save(tmp_path / "g" / "a.png")
+    assert Image.open(tmp_path / "g" / "a.png").mode.startswith("I")
+    x = load_dataset(data_key(str(tmp_path / "g"), test_fraction=0.0), "train").x
+    expect = (torch.from_numpy(np.round(ramp / 257.0)).float() - 127.5) / 127.5
+    assert x.shape == (1, 1, 8, 8) and torch.equal(x[0, 0], expect)
+
+
+def test_datasets_float_array_columns_follow_the_range(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    arr = np.linspace(0, 1, 6 * 8 * 8, dtype=np.float32).reshape(6, 8, 8)
+    feats = datasets.Features({"pixels": datasets.Array2D((8, 8), "float32")})
+    datasets.Dataset.from_dict({"pixels": list(arr)}, features=feats).save_to_disk(str(tmp_path / "f"))
+    with pytest.raises(FewstepError, match=r"holds float\d+ images: say their range with --range"):
+        load_dataset(data_key(str(tmp_path / "f"), image_column="pixels"), "train")
+    x = load_dataset(data_key(str(tmp_path / "f"), image_column="pixels", range="0,1", test_fraction=0.0), "train").x
+    assert torch.allclose(x[:, 0], torch.from_numpy(arr * 2 - 1), atol=1e-6)
+
+
+def test_a_worker_error_is_one_line(tmp_path, monkeypatch):
+    src = write_shapes(tmp_path / "s", 12, size=8)
+    key = data_key(str(src), test_fraction=0.0)
+    monkeypatch.setenv("FEWSTEP_MEMORY_BUDGET", "1K")
+    lazy = load_dataset(key, "train").x
+    (src / "square" / "00003.png").write_bytes(b"broken")  # not the one image the scan kept (disk/00001)
+    with pytest.raises(FewstepError) as e:
+        list(lazy.loader([np.arange(12)], workers=1))
+    assert "\n" not in str(e.value) and "00003.png can no longer be read" in str(e.value)
+
+
+def test_resuming_a_teacher_on_changed_data_is_refused(tmp_path):
+    src = write_shapes(tmp_path / "s", 30, size=8)
+    args = ["train", "--data", str(src), "--preset", "test8", "--steps", "4", "--batch", "4", "--ckpt-every", "2",
+            "--out", str(tmp_path / "t")]
+    assert runner.invoke(app, args).exit_code == 0
+    (tmp_path / "t" / "checkpoints" / "latest").write_text("step_00000002")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src / "disk" / "00000.png")
+    r = runner.invoke(app, [*args, "--resume"])
+    assert r.exit_code == 2 and "has changed since the run started" in r.stderr, r.output

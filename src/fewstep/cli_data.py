@@ -32,7 +32,8 @@ DATA_PARAMS = [
          "(without it every image must have the same size)."),
     _opt("channels", int | None, None, "--channels", "1 or 3 (default: 1 when every image is grayscale, else 3)."),
     _opt("test_fraction", float | None, None, "--test-fraction", "Share of the images held out as the test split "
-         "(default 0.1, picked by a permutation seeded with 0; a datasets folder's own test split wins)."),
+         "(default 0.1, picked by a permutation seeded with 0; without it, a datasets folder's own test split is "
+         "used)."),
     _opt("data_test", str | None, None, "--data-test", "A second source that is the test split (read with the "
          "same flags)."),
     _opt("image_column", str | None, None, "--image-column", "datasets folders: the image column (default: the "

@@ -38,7 +38,7 @@ def register(app: typer.Typer, friendly, out_console, parse_timesteps, help_text
         guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (1: none).")] = None,
         eta: Annotated[float, typer.Option(help="DDIM eta.")] = 0.0,
         n: Annotated[int | None, typer.Option(help="Samples (default: the size of the test split, e.g. 500 "
-                                                 "for digits, 1000 for mnist; at least 100 on images; FD is "
+                                                 "for digits, 1000 for mnist; at least 200 on images; FD is "
                                                  "compared at equal n).")] = None,
         seed: Annotated[int, typer.Option(help="Noise seed (same seed, same numbers).")] = 0,
         json_out: Annotated[Path | None, typer.Option("--json", help="Write every metric as JSON here.")] = None,

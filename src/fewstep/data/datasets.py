@@ -226,8 +226,23 @@ class LazyImages:
         from torch.utils.data import DataLoader
 
         workers = int(os.environ.get("FEWSTEP_DATA_WORKERS", "2")) if workers is None else workers
-        return iter(DataLoader(_Batches(self), sampler=batches, batch_size=None, num_workers=workers,
-                               prefetch_factor=4 if workers else None, persistent_workers=False))
+        loader = DataLoader(_Batches(self), sampler=batches, batch_size=None, num_workers=workers,
+                            prefetch_factor=4 if workers else None, persistent_workers=False)
+        return _one_line_errors(iter(loader))
+
+
+def _one_line_errors(it: Any) -> Any:
+    """A DataLoader worker's FewstepError comes back with the worker's traceback in its message: keep its line."""
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except FewstepError as e:
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            last = lines[-1] if lines else str(e)
+            raise FewstepError(last.split("FewstepError: ", 1)[-1]) from None
+        yield batch
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -275,11 +290,14 @@ def _stamp(path: str | None) -> tuple[Any, ...]:
     p = Path(path)
     if p.is_dir():
         out = []
-        for dirpath, dirnames, filenames in os.walk(p):
-            dirnames.sort()
-            for f in sorted(filenames):
-                st = os.stat(os.path.join(dirpath, f))
-                out.append((dirpath, f, st.st_size, st.st_mtime_ns))
+        from fewstep.data.sources import walk_files
+
+        for f in walk_files(p):  # as the folder is read
+            try:
+                st = f.stat()
+                out.append((str(f), st.st_size, st.st_mtime_ns))
+            except OSError:  # a dangling link, an unreadable entry: the source reports it when opened
+                out.append((str(f), "unreadable"))
         return tuple(out)
     try:
         st = p.stat()
@@ -315,6 +333,8 @@ def _own_cached(key: str, stamp: tuple[Any, ...]) -> OwnData:
         if (test.labels is None) != (src.labels is None):
             raise FewstepError(f"--data {spec.source} and --data-test {spec.test} disagree on labels (one has "
                                "class sub-folders or y, the other not): label both or neither")
+        if src.class_names and test.class_names and test.class_names != src.class_names:
+            _renumber(test, src.class_names, spec)
         return OwnData(key, src, test, np.arange(src.n), np.arange(test.n), f"test source {spec.test}",
                        max(src.num_classes, test.num_classes))
     if src.official is not None and spec.test_fraction is None:
@@ -355,6 +375,19 @@ def check_recorded(name: str, record: dict[str, Any] | None, model: str) -> None
                            f"then, {now.get('hash')} now): restore it, or pass --data '{name}' to use it as it is now")
 
 
+def _renumber(test: Source, names: list[str], spec: Any) -> None:
+    """Give the test source's labels the train source's class ids, by class name (each folder numbers its own
+    sorted sub-folders, so a test folder missing a class would otherwise shift the ids after it)."""
+    unknown = sorted(set(test.class_names or []) - set(names))
+    if unknown:
+        raise FewstepError(f"--data-test {spec.test} has classes the training data does not ({', '.join(unknown)}; "
+                           f"--data {spec.source} has {', '.join(names)}): use the same class sub-folders")
+    ids = np.array([names.index(n) for n in test.class_names or []], dtype=np.int64)
+    assert test.labels is not None
+    test.labels = ids[test.labels]
+    test.class_names, test.num_classes = list(names), len(names)
+
+
 def own_data(key: str) -> OwnData:
     """The opened, split source a key names (cached)."""
     return _own(key)
@@ -374,6 +407,8 @@ def _own_split_cached(key: str, split: str, stamp: tuple[Any, ...]) -> Dataset:
         x: torch.Tensor | LazyImages = torch.empty((len(index), *source.sample_shape))  # filled in place: no copy
         for lo in range(0, len(index), 4096):
             x[lo:lo + 4096] = source.read(index[lo:lo + 4096])
+        if len(index) == source.n:
+            source.forget_scan()  # every image is in the tensor now: drop the decoded copies the scan kept
     else:
         x = LazyImages(source, index)
     return Dataset(key, split, x, y, own.num_classes)

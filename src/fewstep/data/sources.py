@@ -29,6 +29,7 @@ from fewstep.errors import FewstepError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "La"})
+# PIL's "F" (32-bit float) grayscale is read through its conversion to "L" (values taken as 0-255)
 HASH_LENGTH = 16
 READ_CHUNK = 4096  # images per chunk when a whole split is read into memory
 
@@ -142,11 +143,12 @@ def _file_digest(path: Path) -> str:
     return _HASHES[key]
 
 
-def files_hash(files: list[Path], root: Path) -> str:
-    """SHA-256 over (relative path, content digest) of ``files``: renaming, adding or editing one changes it."""
+def files_hash(files: list[Path], root: Path | None) -> str:
+    """SHA-256 over (path relative to ``root``, or the file name without one; content digest) of ``files``:
+    renaming, adding or editing one changes it."""
     h = hashlib.sha256()
     for p in files:
-        h.update(str(p.relative_to(root) if p != root else p.name).encode() + b"\0")
+        h.update(str(p.relative_to(root) if root is not None else p.name).encode() + b"\0")
         h.update(_file_digest(p).encode())
     return h.hexdigest()[:HASH_LENGTH]
 
@@ -211,11 +213,14 @@ class ArraySource(Source):
             if "x" not in keys:
                 raise FewstepError(f"{where} has no array named x (it has {', '.join(keys) or 'none'}): save the "
                                    "images as x (np.savez(path, x=images, y=labels))")
-            x = _npz_array(z, path, budget)
-            if "y" in keys:
-                if spec.labels:
-                    raise FewstepError(f"{where} holds its labels in y: drop --labels")
-                labels = z["y"]
+            if "y" in keys and spec.labels:
+                raise FewstepError(f"{where} holds its labels in y: drop --labels")
+            try:
+                x = _npz_array(z, path, budget)
+                labels = z["y"] if "y" in keys else None
+            except (ValueError, OSError, EOFError, Exception) as e:  # noqa: BLE001 - object arrays, bad CRC, ...
+                raise FewstepError(f"{where}: an array in it cannot be read ({str(e)[:80]}): save numbers only, "
+                                   "with np.savez") from None
         if spec.labels:
             lp = Path(spec.labels)
             if not lp.is_file():
@@ -242,7 +247,7 @@ class ArraySource(Source):
             lo, hi = 0.0, 255.0
         h, w, c = _hwc(x.shape, layout)
         src = ArraySource(spec=spec, path=path, n=int(x.shape[0]), channels=1 if c == 1 else 3, size=(h, w),
-                          content_hash=files_hash(files, path.parent))
+                          content_hash=files_hash(files, None))
         src.array, src.layout, src.lo, src.hi = x, layout, lo, hi
         if labels is not None:
             src.labels, src.num_classes = _check_labels(labels, src.n, spec.labels or f"{where} (y)")
@@ -266,7 +271,7 @@ class ArraySource(Source):
         page cache of large folios maps up to megabytes per touched row), so a long run over a 4 GB file would
         end with gigabytes resident; pread leaves them in the kernel's page cache, which is not ours."""
         a = self.array
-        if not isinstance(a, np.memmap) or not a.flags.c_contiguous:
+        if not isinstance(a, np.memmap) or not a.flags.c_contiguous or len(idx) == 0:
             return np.asarray(a[idx])
         row = int(np.prod(a.shape[1:])) * a.itemsize
         out = np.empty((len(idx), *a.shape[1:]), dtype=a.dtype)
@@ -283,10 +288,11 @@ class ArraySource(Source):
         return out
 
     def _fd(self) -> int:
-        """This process's descriptor of the file (DataLoader workers are forked: each opens its own)."""
+        """This process's descriptor of the mapped file (the .npy, or a big .npz's extracted cache; DataLoader
+        workers are forked: each opens its own)."""
         pid = os.getpid()
         if getattr(self, "_fd_pid", None) != pid:
-            self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for the source's lifetime
+            self._file = open(self.array.filename, "rb")  # noqa: SIM115 - kept open for the source's lifetime
             self._fd_pid = pid
         return self._file.fileno()
 
@@ -322,6 +328,12 @@ def _npz_array(z: Any, path: Path, budget: int) -> np.ndarray:
     info = z.zip.getinfo("x.npy")
     if info.file_size <= budget:
         return z["x"]
+    with z.zip.open("x.npy") as f:  # check the header before extracting gigabytes
+        version = np.lib.format.read_magic(f)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        _, _, dtype = header(f)
+    if dtype.hasobject:
+        raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
     from fewstep.io import _atomic, cache_dir
 
     digest = _file_digest(path)[:HASH_LENGTH]
@@ -347,8 +359,17 @@ def _decode(data: bytes, mode: str | None = None) -> Any:
     return im if mode is None or im.mode == mode else im.convert(mode)
 
 
+WIDE_GRAY = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})  # 16-bit (and 32-bit integer) grayscale
+
+
 def _pixels(im: Any, channels: int) -> np.ndarray:
-    """A PIL image as uint8 (C, H, W) with ``channels`` (1: "L", 3: "RGB", through PIL's conversions)."""
+    """A PIL image as uint8 (C, H, W) with ``channels`` (1: "L", 3: "RGB", through PIL's conversions).  16-bit
+    grayscale is scaled to 8 bits (PIL's own conversion to "L" clips it at 255, turning most pixels white)."""
+    if im.mode in WIDE_GRAY:
+        a = np.asarray(im).astype(np.float64)
+        wide = im.mode != "I" or float(a.max(initial=0)) > 255  # "I" holding 0-255 values is 8-bit data
+        a = np.clip(np.round(a / 257.0) if wide else a, 0, 255).astype(np.uint8)
+        return np.repeat(a[None], channels, axis=0)
     mode = "L" if channels == 1 else "RGB"
     if im.mode != mode:
         im = im.convert(mode)
@@ -369,12 +390,16 @@ class ImageScan:
         self.first: dict[tuple[int, int], str] = {}
 
     def add(self, im: Any, name: str) -> None:
-        w, h = im.size
+        """A decoded PIL image, or an array cell already as float (C, H, W)."""
+        if isinstance(im, torch.Tensor):
+            (h, w), gray = tuple(im.shape[-2:]), im.shape[0] in (1, 2)
+        else:
+            (w, h), gray = im.size, im.mode in GRAY_MODES
         self.sizes.append((h, w))
         self.first.setdefault((h, w), name)
-        self.gray.append(im.mode in GRAY_MODES)
+        self.gray.append(gray)
         if self.kept is not None:
-            self.kept_bytes += 4 * h * w * (1 if im.mode in GRAY_MODES else 3)
+            self.kept_bytes += 4 * h * w * (1 if gray else 3)
             if self.kept_bytes <= self.budget:
                 self.kept.append(im)
             else:
@@ -392,6 +417,22 @@ class ImageScan:
             raise FewstepError(f"images differ in size ({f1} is {s1[1]}x{s1[0]}, {f2} is {s2[1]}x{s2[0]}): pass "
                                "--resolution R to resize and center-crop them to RxR")
         return next(iter(self.first)) if len(self.first) == 1 else None
+
+
+def walk_files(folder: Path) -> list[Path]:
+    """Every file below ``folder`` (hidden ones skipped), sorted, following symbolic links to folders as
+    torchvision's ImageFolder does (a link back up the tree is followed once)."""
+    out: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+        out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
+    return out
 
 
 class FolderSource(Source):
@@ -413,9 +454,7 @@ class FolderSource(Source):
         candidates: list[tuple[Path, int]] = []
         if dirs:
             for c, d in enumerate(dirs):
-                for dirpath, dirnames, filenames in os.walk(d):
-                    dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
-                    candidates += [(Path(dirpath) / f, c) for f in sorted(filenames) if not f.startswith(".")]
+                candidates += [(p, c) for p in walk_files(d)]
         else:
             candidates = [(p, -1) for p in loose]
         files: list[tuple[Path, int]] = []
@@ -434,8 +473,8 @@ class FolderSource(Source):
         good: list[tuple[Path, int]] = []
         digests = hashlib.sha256()
         for p, c in files:
-            data = p.read_bytes()
             try:
+                data = p.read_bytes()
                 im = _decode(data)
             except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a damaged file
                 scan.bad_image(str(p), e)
@@ -484,10 +523,13 @@ def is_hf_folder(path: Path) -> bool:
 
 class HFSource(Source):
     """A folder written by ``datasets``' ``save_to_disk`` (a Dataset, or a DatasetDict whose train and test (or
-    validation) splits are used as they are)."""
+    validation) splits are used as they are).  Images are decoded here from the bytes stored in the folder, never
+    by datasets: a cell that only names an outside file (a path or URL) is refused, so nothing outside the hashed
+    folder is read and nothing is downloaded.  Array columns (H, W[, C]) follow the rules of arrays (uint8 0-255, a
+    float column needs --range)."""
 
-    parts: list[Any]  # datasets.Dataset per part (train [, test])
-    offsets: list[int]
+    parts: list[Any]  # datasets.Dataset per part (train [, test]), the image column not decoded
+    rows: list[tuple[int, int]]  # (part, row) of every good image
     image_column: str
 
     @staticmethod
@@ -502,7 +544,6 @@ class HFSource(Source):
             ds = datasets.load_from_disk(str(root))
         except Exception as e:  # noqa: BLE001 - arrow and json errors of every kind
             raise FewstepError(f"{root} is not a readable datasets folder ({str(e)[:80]})") from None
-        official = None
         if isinstance(ds, datasets.DatasetDict):
             names = list(ds)
             test = next((s for s in ("test", "validation") if s in ds), None)
@@ -523,65 +564,113 @@ class HFSource(Source):
         if spec.label_column and spec.label_column not in features:
             raise FewstepError(f"{root} has no column {spec.label_column!r} (columns: {', '.join(features)}): fix "
                                "--label-column")
+        encoded = isinstance(features[image_col], datasets.Image)
+        if encoded and spec.range is not None:
+            raise FewstepError(f"--range applies to float array columns; {root}'s column {image_col!r} holds "
+                               "encoded images (0-255): drop --range")
+        try:
+            parts = [p.cast_column(image_col, datasets.Image(decode=False)) if encoded else p for p in parts]
+        except Exception as e:  # noqa: BLE001
+            raise FewstepError(f"{root}: column {image_col!r} cannot be read ({str(e)[:80]})") from None
         files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
         scan = ImageScan(budget, spec.skip_bad_images)
-        sizes = [len(p) for p in parts]
+        rows: list[tuple[int, int]] = []
+        clipped = [0, 0]
         for k, part in enumerate(parts):
             col = part.select_columns([image_col])
             for i in range(len(col)):
                 name = f"{root} ({'test' if k else 'train'} row {i})" if len(parts) > 1 else f"{root} (row {i})"
                 try:
-                    im = _as_image(col[i][image_col])
-                except Exception as e:  # noqa: BLE001
-                    raise FewstepError(f"{name}: the image cannot be read ({str(e)[:80]})") from None
-                scan.add(im, name)
-        n = sum(sizes)
-        if n == 0:
-            raise FewstepError(f"{root} holds no rows")
-        src = HFSource(spec=spec, path=root, n=n, channels=1 if all(scan.gray) else 3,
-                       size=scan.size(spec.resolution), content_hash=files_hash(files, root))
-        src.parts, src.offsets, src.image_column = parts, [0, sizes[0]], image_col
+                    item = _hf_cell(col[i][image_col], spec, name, clipped)
+                except FewstepError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - PIL and arrow errors of every kind
+                    scan.bad_image(name, e)
+                    continue
+                scan.add(item, name)
+                rows.append((k, i))
+        if not rows:
+            raise FewstepError(f"{root} holds no {'readable ' if scan.bad else ''}rows")
+        src = HFSource(spec=spec, path=root, n=len(rows), channels=1 if all(scan.gray) else 3,
+                       size=scan.size(spec.resolution), content_hash=files_hash(files, root), skipped=scan.bad)
+        src.parts, src.rows, src.image_column = parts, rows, image_col
+        part_of = np.array([k for k, _ in rows])
         if len(parts) > 1:
-            official = {"train": np.arange(sizes[0]), "test": np.arange(sizes[0], n)}
-            src.official = official
+            src.official = {"train": np.flatnonzero(part_of == 0), "test": np.flatnonzero(part_of == 1)}
         if label_col is not None:
-            y = np.concatenate([np.asarray(p[label_col]) for p in parts])
-            src.labels, src.num_classes = _check_labels(y, n, f"{root} (column {label_col})")
+            try:
+                columns = [np.asarray(p[label_col]) for p in parts]
+                y = np.array([columns[k][i] for k, i in rows])
+            except Exception as e:  # noqa: BLE001
+                raise FewstepError(f"{root}: label column {label_col!r} cannot be read ({str(e)[:80]})") from None
+            src.labels, src.num_classes = _check_labels(y, src.n, f"{root} (column {label_col})")
             feat = features[label_col]
             if isinstance(feat, datasets.ClassLabel):
                 src.num_classes = max(src.num_classes, feat.num_classes)
                 src.class_names = list(feat.names)
         if scan.kept is not None:
             src._kept = dict(enumerate(scan.kept))
+        if clipped[0]:
+            warn(f"{root}: clipped {clipped[0]} of {clipped[1]} values outside [{spec.range}] to the range")
+        if scan.bad:
+            warn(f"{root}: skipped {scan.bad} unreadable rows (--skip-bad-images)")
         return src
 
     def read(self, idx: np.ndarray) -> torch.Tensor:
         c = self.channels
         out = []
         for i in np.asarray(idx, dtype=np.int64).tolist():
-            im = self._kept.get(i)
-            if im is None:
-                k = 1 if len(self.parts) > 1 and i >= self.offsets[1] else 0
-                im = _as_image(self.parts[k][i - self.offsets[k]][self.image_column])
-            out.append(transform(uint8_to_unit(_pixels(im, c))[None], self.spec, c))
+            item = self._kept.get(i)
+            if item is None:
+                k, row = self.rows[i]
+                item = _hf_cell(self.parts[k][row][self.image_column], self.spec, str(self.path), [0, 0])
+            x = item[None] if isinstance(item, torch.Tensor) else uint8_to_unit(_pixels(item, c))[None]
+            out.append(transform(x, self.spec, c))
         return torch.cat(out) if out else torch.empty((0, *self.sample_shape))
 
 
-def _as_image(value: Any) -> Any:
-    """A datasets cell as a PIL image: an Image feature decodes to one; arrays (H, W[, C]) of 0-255 are converted."""
-    from PIL import Image
-
-    if isinstance(value, Image.Image):
-        return value
-    if isinstance(value, dict) and value.get("bytes"):
+def _hf_cell(value: Any, spec: DataSpec, where: str, clipped: list[int]) -> Any:
+    """A datasets cell: an encoded image (bytes stored in the folder) as a PIL image, or an array cell as float32
+    (C, H, W) in [-1, 1] (``clipped`` counts values outside the range, and values seen)."""
+    if isinstance(value, dict):
+        if not value.get("bytes"):
+            raise FewstepError(f"{where}: the image is not stored in the folder (it names {value.get('path')!r}): "
+                               "fewstep reads only images saved inside the datasets folder; save the images "
+                               "themselves (e.g. cast the column to datasets.Image() and save_to_disk again)")
         return _decode(value["bytes"])
     a = np.asarray(value)
     if a.dtype.kind not in "uif" or a.ndim not in (2, 3):
         raise ValueError(f"a cell of shape {a.shape} and type {a.dtype} is not an image")
-    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    if a.ndim == 2:
+        a = a[None]
+    elif a.shape[-1] in (1, 3, 4) and a.shape[0] not in (1, 3, 4):
+        a = a.transpose(2, 0, 1)
+    if a.dtype.kind == "f":
+        if spec.range is None:
+            raise FewstepError(f"{where} holds {a.dtype} images: say their range with --range 0,1 or --range -1,1")
+        lo, hi = spec.range_values  # type: ignore[misc]
+    else:
+        if spec.range is not None:
+            raise FewstepError(f"--range applies to float arrays; {where} holds {a.dtype} (read as 0-255): drop "
+                               "--range")
+        lo, hi = 0.0, 255.0
+    a = a.astype(np.float64)
+    clipped[0] += int(np.count_nonzero((a < lo) | (a > hi) | ~np.isfinite(a)))
+    clipped[1] += a.size
+    a = np.clip(np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo), lo, hi)
+    return torch.from_numpy(((a - lo) / (hi - lo) * 2 - 1).astype(np.float32))
 
 
 # ---------------------------------------------------------------------------------------------- opening
+
+
+def _refuse(spec: DataSpec, names: tuple[str, ...], why: str) -> None:
+    """Options that do not apply to this kind of source are an error, never silently ignored."""
+    from fewstep.data.spec import FLAGS
+
+    given = [FLAGS[n] for n in names if getattr(spec, n) not in (None, False)]
+    if given:
+        raise FewstepError(f"{', '.join(given)} do not apply here: {why}; drop {'it' if len(given) == 1 else 'them'}")
 
 
 def open_source(spec: DataSpec, budget: int) -> Source:
@@ -591,12 +680,14 @@ def open_source(spec: DataSpec, budget: int) -> Source:
         raise FewstepError(f"--data {spec.source}: no such file or folder (built-in data sets: digits, mnist, "
                            "fashion, gmm, moons, swissroll, checkerboard)")
     if is_hf_folder(path):
+        _refuse(spec, ("labels",), f"{path} is a datasets folder (labels come from its label column)")
         return HFSource.open(spec, budget)
     if path.is_dir():
-        if spec.labels:
-            raise FewstepError("--labels applies to a .npy source; a folder's labels are its class sub-folders")
+        _refuse(spec, ("labels", "range", "image_column", "label_column"), f"{path} is an image folder (labels "
+                "come from its class sub-folders; images are 0-255)")
         return FolderSource.open(spec, budget)
     if path.suffix in (".npy", ".npz"):
+        _refuse(spec, ("image_column", "label_column", "skip_bad_images"), f"{path} is an array")
         return ArraySource.open(spec, budget)
     raise FewstepError(f"--data {path}: not a folder, .npy or .npz file (fewstep reads image folders, .npy/.npz "
                        "arrays and datasets folders)")

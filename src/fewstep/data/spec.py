@@ -86,7 +86,8 @@ FLAGS = {"labels": "--labels", "range": "--range", "resolution": "--resolution",
 
 def parse_key(key: str) -> DataSpec:
     """The spec a key (or a plain path) names; paths made absolute.  Unknown options are refused."""
-    source, _, query = key.partition("?")
+    source, _, query = ("", "", "") if Path(key).exists() else key.partition("?")  # a path holding "?" is a path
+    source = source or key
     if not source:
         raise FewstepError(f"--data {key!r}: name a data set or a source (folder, .npy, .npz)")
     values: dict[str, object] = {}

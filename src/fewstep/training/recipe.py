@@ -44,7 +44,7 @@ from fewstep.training.processes import barrier, expected_processes, is_main
 
 STUDENT = FINAL_STAGE  # the final stage's folder, for every recipe
 KIND_PACKAGES = {"distill": "fewstep.distill", "finetune": "fewstep.finetune"}
-RESERVED = ("method", "kind", "teacher", "data")  # names of the run record's own entries
+RESERVED = ("method", "kind", "teacher", "data", "data_hash")  # names of the run record's own entries
 
 
 # --- options ---------------------------------------------------------------------------------------------
@@ -447,15 +447,18 @@ def run_record(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
                else None)
     options = {**_jsonable(dataclasses.asdict(ctx.options)), "iters": ctx.iters}
     loop = {k: _jsonable(getattr(ctx.train_config, k)) for k in RECORDED_LOOP}
+    from fewstep.data.datasets import data_record
+
+    data_hash = (data_record(ctx.data_name) or {}).get("hash") if ctx.data_name else None
     return {"method": recipe.name, "kind": recipe.kind, "options": options, "loop": loop, "teacher": teacher,
-            "data": ctx.data_name}
+            "data": ctx.data_name, "data_hash": data_hash}
 
 
 def _comparable(record: dict[str, Any]) -> dict[str, Any]:
     """A run record as one flat mapping.  A record written before the recipe layer (distill.json with every
     method's options under "options" and seed, batch, lr at the top) reads the same way; the options another
     method had there are simply not compared."""
-    flat = {k: record[k] for k in ("method", "teacher", "data") if k in record}
+    flat = {k: record[k] for k in ("method", "teacher", "data", "data_hash") if k in record}
     flat.update(record.get("options") or {})
     flat.update(record.get("loop") or {k: record[k] for k in ("seed", "batch", "lr") if k in record})
     return flat

@@ -168,6 +168,14 @@ def check_resumable(method: TeacherMethod, out: Path) -> None:
     prior = read_json(saved)
     now = json.loads(json.dumps(method.config.to_json()))  # tuples -> lists, as saved
     differ = [k for k in RESUME_KEYS if prior.get(k) != now.get(k)]
+    before = (prior.get("data_record") or {}).get("hash")
+    if before and method.spec.data is not None:
+        from fewstep.data.datasets import data_record
+
+        after = (data_record(method.spec.data) or {}).get("hash")
+        if after != before:
+            raise FewstepError(f"--resume: the data of {out} has changed since the run started (content hash "
+                               f"{before} then, {after} now): restore it, or start a new run (a new --out)")
     if differ:
         raise FewstepError(f"--resume: {out} was started with other settings ({', '.join(differ)}): pass the "
                            "same --data/--preset/--objective/--prediction/--conditional/--beta-schedule")

@@ -9,7 +9,7 @@ FS="$PY -m fewstep"
 PROFILE=${1:-quick}
 [ -d cache/shapes16 ] || $PY -m fewstep.data.shapes cache/shapes16 3000 16
 $FS bench shapes.yaml --profile "$PROFILE"
-if [ "$PROFILE" = quick ]; then TEACHER=cache/shapes-teacher-quick OUT=cache/students/shapes-quick-progressive ITERS=150
+if [ "$PROFILE" = quick ]; then TEACHER=cache/shapes-teacher-v2-quick OUT=cache/students/shapes-v2-quick-progressive ITERS=200
 else TEACHER=cache/shapes-teacher OUT=cache/students/shapes-progressive ITERS=400; fi
 if [ ! -f "$OUT/student/config.json" ]; then
   RESUME=(); [ -d "$OUT" ] && RESUME=(--resume)

@@ -63,3 +63,11 @@ def gmm_teacher(tmp_path_factory):
 def gmm_cond_teacher(tmp_path_factory):
     """The same, class-conditional (8 components as classes, null class for guidance)."""
     return _gmm_teacher(tmp_path_factory.mktemp("gmm") / "cond-teacher", conditional=True)
+
+
+@pytest.fixture(scope="session")
+def fx(tmp_path_factory):
+    """The bad-input corpus's shared inputs (tests/corpus.py): a tiny run, a model, a distillation run."""
+    from corpus import Fixtures
+
+    return Fixtures(tmp_path_factory.mktemp("corpus"))

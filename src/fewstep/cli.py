@@ -5,19 +5,52 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from fewstep.cli_data import data_options
 from fewstep.errors import FewstepError
 from fewstep.threads import THREADS_HELP, apply_threads, default_threads
 from fewstep.training.trackers import LOG_WITH_HELP
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class _OneLineGroup(TyperGroup):
+    """Usage errors (an unknown option, a value of the wrong type, a missing option) as one line naming the
+    option and pointing to ``--help``, exit status 2 (click's and typer's panels are 5-6 lines)."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        # typer vendors click (typer._click) and exports only Exit and Abort: the exceptions come from there
+        from typer._click import exceptions as click
+
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.NoArgsIsHelpError as e:  # `fewstep` or `fewstep train` alone: the help, as before
+            out_console.print(e.format_message(), markup=False, highlight=False, end="")
+            rv = e.exit_code
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "fewstep"
+            msg = " ".join(e.format_message().split())
+            console.print(f"[red]error:[/red] {escape(msg)} (see `{escape(where)} --help`)", highlight=False,
+                          soft_wrap=True)
+            rv = 2
+        except click.ClickException as e:
+            console.print(f"[red]error:[/red] {escape(' '.join(e.format_message().split()))}", highlight=False,
+                          soft_wrap=True)
+            rv = e.exit_code
+        except typer.Abort:
+            rv = 1
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="fewstep: train diffusion teachers, sample them, distill them into few-step students, "
                        "and measure quality against speed.")
 console = Console(stderr=True)

@@ -138,7 +138,7 @@ BAD_INPUT = {
     "bad --out suffix": (lambda m, tmp: ["sample", "--model", m["uncond"], "--out", tmp / "x.jpg"], r"\.npy .* \.png"),
     "guidance on unconditional": (_sample_args("uncond", "--guidance", "2"), "needs a class-conditional model"),
     "eta with another sampler": (_sample_args("uncond", "--eta", "0.5", "--sampler", "euler"), "ddim sampler only"),
-    "zero samples": (_sample_args("uncond", "--n", "0", "--steps", "1"), "at least one sample"),
+    "zero samples": (_sample_args("uncond", "--n", "0", "--steps", "1"), "--n 0: give at least 1"),
     "zero batch size": (_sample_args("uncond", "--batch-size", "0", "--steps", "1"), "--batch-size 0"),
     "path that looks like markup": (lambda m, tmp: ["sample", "--model", tmp / "run[/b]" / "x[v2]",
                                                     "--out", tmp / "x.npy"], r"run\[/b\]/x\[v2\] does not exist"),

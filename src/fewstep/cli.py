@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
+from fewstep.checks import at_least, fits_in_memory, output_file, output_folder, plain_numbers, within
 from fewstep.cli_data import data_options
 from fewstep.errors import FewstepError
 from fewstep.threads import THREADS_HELP, apply_threads, default_threads
@@ -64,12 +66,16 @@ SPACING_HELP = ("trailing (default: starts at T-1, which matters at 1-2 steps), 
                 "diffusers' timestep_spacing.")
 
 
+FLAG_NAMES = {"json_out": "--json", "set_": "--set", "range_": "--range"}
+
+
 def _friendly(fn):
     """Bad input -> one line on stderr and exit status 2, never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            plain_numbers(kwargs, FLAG_NAMES)  # no nan, inf or 2**70 reaches the library
             return fn(*args, **kwargs)
         except FewstepError as e:
             # escape: messages quote user paths and values, which may hold "[...]" (rich markup)
@@ -126,6 +132,12 @@ def train(
     log_with: Annotated[str | None, typer.Option(help=LOG_WITH_HELP)] = None,
 ) -> None:
     """Train a teacher (DDPM, EDM or flow matching). Works unchanged under `accelerate launch -m fewstep train`."""
+    for flag, v in (("--steps", steps), ("--batch", batch), ("--ckpt-every", ckpt_every), ("--grad-accum", grad_accum)):
+        at_least(flag, v, 1)
+    at_least("--lr", lr, 0, open_=True)
+    at_least("--seed", seed, 0)
+    within("--ema-decay", ema_decay, 0, 1, high_open=True)
+    output_folder(out)
     apply_threads(threads)
     from fewstep.training.loop import TrainConfig
     from fewstep.training.teacher import TeacherOptions, train_teacher
@@ -176,6 +188,11 @@ def sample(
 
     if out.suffix not in (".npy", ".png"):
         raise FewstepError(f"--out {out}: use a .npy (raw array) or .png (picture) file name")
+    output_file(out)
+    for flag, v in (("--steps", steps), ("--n", n), ("--batch-size", batch_size)):
+        at_least(flag, v, 1)
+    at_least("--seed", seed, 0)
+    at_least("--eta", eta, 0)
     lat = None
     if latents is not None:
         if not latents.is_file():
@@ -184,7 +201,16 @@ def sample(
             lat = torch.from_numpy(np.load(latents, allow_pickle=False)).float()
         except (ValueError, TypeError, EOFError, OSError) as e:
             raise FewstepError(f"--latents {latents} is not a numeric .npy array ({e})") from None
-    res = sample_model(model, n, sampler=sampler, steps=steps, spacing=spacing, timesteps=_parse_timesteps(timesteps),
+        if lat.ndim == 0 or lat.shape[0] == 0:
+            raise FewstepError(f"--latents {latents} holds no samples: give an array (n, C, H, W) with n >= 1")
+        bad = int((~torch.isfinite(lat)).sum())
+        if bad:
+            raise FewstepError(f"--latents {latents} holds {bad} NaN or infinite values: give finite noise")
+    from fewstep.models.folder import load_model
+
+    m = load_model(model)
+    fits_in_memory("--n", n, 4 * math.prod(m.config.sample_shape) * 3)  # the samples, the state and a prediction
+    res = sample_model(m, n, sampler=sampler, steps=steps, spacing=spacing, timesteps=_parse_timesteps(timesteps),
                        guidance=guidance, class_id=class_, seed=seed, eta=eta, latents=lat, batch_size=batch_size)
     n, ts = res.x.shape[0], res.timesteps
     write_samples(out, res.x)
@@ -214,6 +240,7 @@ def export(
     out: Annotated[Path, typer.Argument(help="New folder to write (must not exist or be empty).")],
 ) -> None:
     """Write a model as a diffusers folder: DDPMPipeline (unconditional) or unet/ + scheduler/ (conditional)."""
+    output_folder(out, "OUT")
     from fewstep.models.folder import export_diffusers, load_model
 
     out_console.print("wrote " + export_diffusers(load_model(model), out), markup=False, soft_wrap=True)

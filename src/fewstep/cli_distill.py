@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperCommand
 
+from fewstep.checks import output_folder
 from fewstep.cli_data import data_options
 from fewstep.errors import FewstepError
 from fewstep.threads import THREADS_HELP, apply_threads
@@ -125,6 +126,7 @@ def register(app: typer.Typer, friendly, out_console) -> None:
         """Distil a teacher into a few-step student (a model folder that `sample`, `evaluate` and `bench` take).
 
         Every option error (an unknown name, a bad value) is reported before anything is written."""
+        output_folder(out)
         apply_threads(threads)
         from fewstep.training.recipe import start
 

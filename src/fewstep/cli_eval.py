@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from fewstep.checks import at_least, output_file, output_folder
 from fewstep.cli_data import data_options
 from fewstep.threads import THREADS_HELP, apply_threads
 
@@ -48,6 +49,12 @@ def register(app: typer.Typer, friendly, out_console, parse_timesteps, help_text
         threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
     ) -> None:
         """Sample a model and measure FD, KID, precision/recall, class accuracy and cost against the test split."""
+        if json_out is not None:
+            output_file(json_out, "--json")  # before the evaluation, so its results are never lost
+        for flag, v in (("--n", n), ("--steps", steps), ("--batch-size", batch_size)):
+            at_least(flag, v, 1)
+        at_least("--seed", seed, 0)
+        at_least("--eta", eta, 0)
         apply_threads(threads)
         from fewstep.evaluate.runner import check_n, default_n, evaluate_samples, model_dataset
         from fewstep.generate import sample_model
@@ -103,6 +110,7 @@ def register(app: typer.Typer, friendly, out_console, parse_timesteps, help_text
         cfg = load_bench_config(config, profile)
         if out is not None:
             cfg.out = out
+        output_folder(Path(cfg.out), "--out" if out is not None else f"{config}: out")
         report = run_bench(cfg, log=lambda s: out_console.print(s, highlight=False))
         out_console.print(f"report: {report}")
 

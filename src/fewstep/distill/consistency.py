@@ -34,7 +34,7 @@ from fewstep.distill.guided import check_range
 from fewstep.distill.progressive import Reparameterize, _Base, _ddim, check_iters
 from fewstep.errors import FewstepError
 from fewstep.models.denoiser import Denoiser
-from fewstep.models.folder import ModelConfig, SamplingDefaults, load_model, save_model
+from fewstep.models.folder import LoadedModel, ModelConfig, SamplingDefaults, load_model, save_model
 from fewstep.training.method import Batch, Networks, Phase, StepContext
 
 
@@ -94,14 +94,17 @@ class ConsistencyDistill(_Base):
 
 @dataclass
 class ConsistencyOptions(Options):
-    steps: int = opt(1, "sampling steps the student records (multistep consistency sampling takes any number)")
-    teacher_steps: int = opt(50, "N of the teacher's skipping-step DDIM grid (skip (T-1)/N timesteps)")
-    guidance: float = opt(1.0, "distil the teacher guided at this scale (1: none)")
+    steps: int = opt(1, "sampling steps the student records (multistep consistency sampling takes any number)",
+                     ge=1, le=1000)
+    teacher_steps: int = opt(50, "N of the teacher's skipping-step DDIM grid (skip (T-1)/N timesteps)", ge=1,
+                             le=100000)
+    guidance: float = opt(1.0, "distil the teacher guided at this scale (1: none)", ge=0)
     guidance_range: tuple[float, float] | None = opt(None, "LO,HI: w drawn per example and given to the student "
                                                            "as an input (LCM); instead of guidance")
     loss: str = opt("huber", "huber (pseudo-Huber) or l2")
-    ema_target: float = opt(0.95, "EMA decay of the target network (Song et al. 2023: 0.95)")
-    reparam_iters: int | None = opt(None, "steps of the eps -> v re-parameterization stage (default: iters)")
+    ema_target: float = opt(0.95, "EMA decay of the target network (Song et al. 2023: 0.95)", ge=0, lt=1)
+    reparam_iters: int | None = opt(None, "steps of the eps -> v re-parameterization stage (default: iters)",
+                                     ge=1)
 
     def validate(self) -> None:
         if self.steps < 1 or self.teacher_steps < 1:
@@ -113,6 +116,12 @@ class ConsistencyOptions(Options):
             raise FewstepError(f"ema_target {self.ema_target}: give a decay in [0, 1]")
         if self.guidance != 1.0 and self.guidance_range:
             raise FewstepError("give --guidance (one scale baked in) or --guidance-range (w as an input), not both")
+
+    def check_teacher(self, teacher: LoadedModel) -> None:
+        T = int(teacher.config.schedule.get("num_train_timesteps", 1000))
+        if self.teacher_steps > T - 1:
+            raise FewstepError(f"teacher_steps {self.teacher_steps}: the teacher has {T} timesteps, so the "
+                               f"skipping-step grid takes at most {T - 1} steps")
 
     @classmethod
     def for_tests(cls) -> ConsistencyOptions:

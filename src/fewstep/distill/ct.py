@@ -179,7 +179,7 @@ def ct_config(sample_shape: tuple[int, ...], num_classes: int, steps: int, prese
 
 @dataclass
 class CTOptions(Options):
-    steps: int = opt(1, "sampling steps the student records (1: sigma 80; 2: iCT's 80 then 0.821)")
+    steps: int = opt(1, "sampling steps the student records (1: sigma 80; 2: iCT's 80 then 0.821)", ge=1)
     preset: str | None = opt(None, "network preset (default: by data shape)")
     loss: str = opt("huber", "huber (pseudo-Huber, the paper's) or l2")
 

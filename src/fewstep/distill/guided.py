@@ -30,9 +30,11 @@ def check_range(w_range: tuple[float, float] | None) -> None:
 class GuidedOptions(Options):
     guidance_range: tuple[float, float] | None = opt(None, "LO,HI (required): the student takes the guidance scale "
                                                            "as an input, trained for w in this range")
-    steps: int = opt(1, "student sampling steps (NFE per sample), a power of two")
-    start_steps: int = opt(32, "student steps of the first progressive round, a power of two >= steps")
-    reparam_iters: int | None = opt(None, "steps of the first stage, the w-conditioned v student (default: iters)")
+    steps: int = opt(1, "student sampling steps (NFE per sample), a power of two", ge=1, le=1024)
+    start_steps: int = opt(32, "student steps of the first progressive round, a power of two >= steps", ge=1,
+                           le=1024)
+    reparam_iters: int | None = opt(None, "steps of the first stage, the w-conditioned v student (default: iters)",
+                                      ge=1)
 
     hints = {"guidance": "guided distillation takes guidance_range, and the student any scale in it"}
 

@@ -207,12 +207,12 @@ def check_iters(name: str, value: int | None) -> None:
 
 @dataclass
 class ProgressiveOptions(Options):
-    steps: int = opt(1, "student sampling steps (NFE per sample), a power of two")
+    steps: int = opt(1, "student sampling steps (NFE per sample), a power of two", ge=1, le=1024)
     start_steps: int = opt(32, "student steps of the first round (the teacher takes twice as many DDIM steps), a "
-                               "power of two >= steps")
+                               "power of two >= steps", ge=1, le=1024)
     guidance: float = opt(1.0, "distil the teacher guided at this scale (1: none; needs a class-conditional "
-                               "teacher with a null class)")
-    reparam_iters: int | None = opt(None, "steps of the eps -> v re-parameterization stage (default: iters)")
+                               "teacher with a null class)", ge=0)
+    reparam_iters: int | None = opt(None, "steps of the eps -> v re-parameterization stage (default: iters)", ge=1)
 
     hints = {"guidance_range": "progressive distils one guidance scale; for a range use --method guided"}
 

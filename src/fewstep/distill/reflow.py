@@ -186,10 +186,11 @@ class OneStep(_Stage):
 
 @dataclass
 class ReflowOptions(Options):
-    steps: int = opt(1, "Euler steps of the student (1 adds InstaFlow's one-step distillation)")
-    pairs: int = opt(4000, "noise -> sample pairs drawn from the teacher")
-    teacher_steps: int = opt(50, "teacher DPM-Solver++(2M) steps per pair")
-    guidance: float = opt(1.0, "guidance scale baked into the pairs (1: none)")
+    steps: int = opt(1, "Euler steps of the student (1 adds InstaFlow's one-step distillation)", ge=1,
+                     le=1000)
+    pairs: int = opt(4000, "noise -> sample pairs drawn from the teacher", ge=1, le=10**7)
+    teacher_steps: int = opt(50, "teacher DPM-Solver++(2M) steps per pair", ge=1, le=1000)
+    guidance: float = opt(1.0, "guidance scale baked into the pairs (1: none)", ge=0)
     loss: str = opt("huber", "one-step distillation: huber (pseudo-Huber) or l2 (the reflow stage is always l2)")
 
     hints = {"guidance_range": "reflow bakes one guidance into its pairs; a range is for --method guided"}

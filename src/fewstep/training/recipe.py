@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import pkgutil
 import shutil
 import types
@@ -48,9 +49,28 @@ RESERVED = ("method", "kind", "teacher", "data", "data_hash")  # names of the ru
 
 
 # --- options ---------------------------------------------------------------------------------------------
-def opt(default: Any, help: str) -> Any:  # noqa: A002 - the word users see
-    """A dataclass field with a default and the help line ``--method NAME --help`` prints."""
-    return field(default=default, metadata={"help": help})
+def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,  # noqa: A002
+        le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field with a default, the help line ``--method NAME --help`` prints, and the bounds its value
+    must keep (``ge``/``gt``/``le``/``lt``), checked where options are resolved, before anything is written."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return field(default=default, metadata={"help": help, "bounds": bounds})
+
+
+_BOUND_TEXT = {"ge": ">= {}", "gt": "> {}", "le": "<= {}", "lt": "< {}"}
+_BOUND_OK = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b,
+             "lt": lambda v, b: v < b}
+
+
+def check_bounds(value: Any, f: dataclasses.Field, where: str) -> None:
+    """``value`` keeps the bounds of option field ``f`` (each number of a tuple does)."""
+    bounds = f.metadata.get("bounds") or {}
+    if not bounds or value is None:
+        return
+    for v in value if isinstance(value, tuple) else (value,):
+        if not all(_BOUND_OK[k](v, b) for k, b in bounds.items()):
+            allowed = " and ".join(_BOUND_TEXT[k].format(f"{b:g}") for k, b in bounds.items())
+            raise FewstepError(f"{where}: {value!r} is out of range (give a value {allowed})")
 
 
 @dataclass
@@ -66,6 +86,9 @@ class Options:
     def validate(self) -> None:
         """Check values that need no teacher or data (those are checked when the run starts)."""
 
+    def check_teacher(self, teacher: LoadedModel) -> None:
+        """Check values against the loaded teacher, before anything is written (a grid finer than its timesteps)."""
+
     @classmethod
     def for_tests(cls) -> Options:
         return cls()
@@ -75,18 +98,19 @@ class Options:
 class LoopOptions(Options):
     """The shared loop's options, in every recipe's namespace (``iters`` is the loop's steps per stage)."""
 
-    iters: int = opt(1000, "optimizer steps per stage")
-    batch: int = opt(64, "global batch size (split across processes and --grad-accum micro-batches)")
-    lr: float = opt(3e-4, "peak learning rate (AdamW, linear warm-up then cosine decay)")
-    warmup: int | None = opt(None, "warm-up steps (default: min(100, iters / 10))")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    grad_clip: float = opt(1.0, "gradient-norm clipping (0: off)")
-    ema_decay: float = opt(0.999, "decay of the evaluation EMA (the exported weights)")
-    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    iters: int = opt(1000, "optimizer steps per stage", ge=1)
+    batch: int = opt(64, "global batch size (split across processes and --grad-accum micro-batches)", ge=1,
+                     le=2**20)
+    lr: float = opt(3e-4, "peak learning rate (AdamW, linear warm-up then cosine decay)", gt=0)
+    warmup: int | None = opt(None, "warm-up steps (default: min(100, iters / 10))", ge=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", ge=0)
+    grad_clip: float = opt(1.0, "gradient-norm clipping (0: off)", ge=0)
+    ema_decay: float = opt(0.999, "decay of the evaluation EMA (the exported weights)", ge=0, lt=1)
+    grad_accum: int = opt(1, "micro-batches per optimizer step", ge=1)
     mixed_precision: str = opt("no", "no, fp16 or bf16 (through accelerate)")
-    seed: int = opt(0, "seed of initialization, data order and noise")
-    ckpt_every: int | None = opt(None, "checkpoint every N steps (default: iters / 4)")
-    log_every: int = opt(25, "log the losses every N steps")
+    seed: int = opt(0, "seed of initialization, data order and noise", ge=0)
+    ckpt_every: int | None = opt(None, "checkpoint every N steps (default: iters / 4)", ge=1)
+    log_every: int = opt(25, "log the losses every N steps", ge=1)
     hflip: bool = opt(False, "random horizontal flips of the training images (a function of seed and step)")
     log_with: str | None = opt(None, "also log the metrics to tensorboard or wandb (accelerate's trackers; offline)")
 
@@ -101,8 +125,8 @@ class LoopOptions(Options):
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise FewstepError(f"{name} {v}: give a value >= 0")
-        if not 0.0 <= self.ema_decay <= 1.0:
-            raise FewstepError(f"ema_decay {self.ema_decay}: give a decay in [0, 1]")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise FewstepError(f"ema_decay {self.ema_decay}: give a decay in [0, 1)")
         if self.mixed_precision not in MIXED_PRECISION:
             raise FewstepError(f"mixed_precision {self.mixed_precision!r}: use {', '.join(MIXED_PRECISION)}")
 
@@ -164,21 +188,26 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise FewstepError(f"{where}: give a whole number, got {value!r}")
         if isinstance(value, int):
+            if not -(2**63) <= value < 2**63:
+                raise FewstepError(f"{where}: give a whole number below 2**63, got {value!r}")
             return value
         try:
             f = float(str(value).strip())
         except ValueError:
             f = float("nan")
-        if f == f and f.is_integer():
+        if f == f and f.is_integer() and abs(f) < 2**63:
             return int(f)
-        raise FewstepError(f"{where}: give a whole number, got {value!r}")
+        raise FewstepError(f"{where}: give a whole number below 2**63, got {value!r}")
     if tp is float:
         if isinstance(value, bool):
             raise FewstepError(f"{where}: give a number, got {value!r}")
         try:
-            return float(str(value).strip()) if isinstance(value, str) else float(value)
-        except (TypeError, ValueError):
+            number = float(str(value).strip()) if isinstance(value, str) else float(value)
+        except (TypeError, ValueError, OverflowError):
             raise FewstepError(f"{where}: give a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise FewstepError(f"{where}: give a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value.strip()
@@ -260,9 +289,9 @@ class Resolved:
     loop: LoopOptions
 
 
-def _namespace(recipe: Recipe) -> dict[str, tuple[str, Any]]:
-    own = {k: ("method", tp) for k, (tp, _) in option_fields(recipe.options).items()}
-    return {**own, **{k: ("loop", tp) for k, (tp, _) in option_fields(LoopOptions).items()}}
+def _namespace(recipe: Recipe) -> dict[str, tuple[str, Any, dataclasses.Field]]:
+    own = {k: ("method", tp, f) for k, (tp, f) in option_fields(recipe.options).items()}
+    return {**own, **{k: ("loop", tp, f) for k, (tp, f) in option_fields(LoopOptions).items()}}
 
 
 def unknown_option(recipe: Recipe, name: str, where: str) -> FewstepError:
@@ -312,6 +341,7 @@ def resolve_options(recipe: Recipe, *, file: Path | None = None, values: Mapping
         if name not in space:
             raise unknown_option(recipe, name, where)
         chosen[name] = coerce(value, space[name][1], where)
+        check_bounds(chosen[name], space[name][2], where)
     own = recipe.options(**{k: v for k, v in chosen.items() if space[k][0] == "method"})
     loop = LoopOptions(**{k: v for k, v in chosen.items() if space[k][0] == "loop"})
     loop.validate()
@@ -481,6 +511,8 @@ def run_recipe(recipe: Recipe, ctx: RunContext) -> RunResult:
     ctx.options.validate()
     if recipe.needs_teacher and ctx.teacher is None:
         raise FewstepError(f"method {recipe.name!r} needs --teacher")
+    if ctx.teacher is not None:
+        ctx.options.check_teacher(ctx.teacher)
     ctx.kind = recipe.kind
     barrier()  # every process has checked OUT (prepare) before any writes to it
     record = run_record(recipe, ctx)

@@ -283,3 +283,27 @@ def test_refused(name, spec, fx, tmp_path):
 
 def test_corpus_size():
     assert len(CASES) >= 200, len(CASES)
+
+
+READ_ONLY = {  # a read-only filesystem or a folder without write permission (os.access says no for both)
+    "train": lambda t, f: ["train", "--data", "digits", "--steps", "2", "--out", str(t / "ro" / "run")],
+    "sample": lambda t, f: ["sample", "--model", str(f.model), "--out", str(t / "ro" / "x.npy")],
+    "sample (replace a file)": lambda t, f: ["sample", "--model", str(f.model), "--out", str(_file(t / "ro", "x.npy"))],
+    "export": lambda t, f: ["export", str(f.model), str(t / "ro" / "exp")],
+    "distill": lambda t, f: _distill(t / "ro", f, "progressive"),
+    "evaluate --json": lambda t, f: _evaluate(t, f, "--json", str(t / "ro" / "r.json")),
+    "bench --out": lambda t, f: ["bench", BENCH, "--profile", "quick", "--out", str(t / "ro" / "b")],
+}
+
+
+@pytest.mark.parametrize("name", list(READ_ONLY))
+def test_read_only_output(name, fx, tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "ro").mkdir()
+    argv = READ_ONLY[name](tmp_path, fx)
+    real = os.access
+    ro = str(tmp_path / "ro")
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p).startswith(ro) and mode & os.W_OK
+                        else real(p, mode, **kw))
+    refused(argv, watch=[tmp_path, fx.root], pattern="not writable|cannot be replaced")

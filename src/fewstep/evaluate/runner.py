@@ -105,6 +105,7 @@ def kid_subset(n: int) -> int:
 # estimator's own; it is also the n of the quick bench profiles.  More is better (the default n is the whole test
 # split, up to 5,000), and FD is always compared at equal n, beside its floor.
 MIN_IMAGE_N = 200
+MIN_POINT_N = 10  # 2-D points: MMD at n = 1 divides by zero; below ~10 SWD and MMD are noise, not a measurement
 
 
 def _check_test_split(dataset: str, n_test: int) -> None:
@@ -129,6 +130,9 @@ def check_n(dataset: str, n: int) -> None:
     if is_image_data(dataset) and n < MIN_IMAGE_N:
         raise FewstepError(f"--n {n} is too few for image data: FD, KID and precision/recall in the 64-d feature "
                            f"space need at least {MIN_IMAGE_N} samples (the test split of {dataset} has {len(test)})")
+    if not is_image_data(dataset) and n < MIN_POINT_N:
+        raise FewstepError(f"--n {n} is too few for 2-D points: the unbiased MMD divides by n(n-1) and the sliced "
+                           f"Wasserstein distance compares sorted samples, so give at least {MIN_POINT_N}")
     if n > len(test) or n > len(train):
         raise FewstepError(f"--n {n} exceeds {dataset}'s test split ({len(test)}) or train split ({len(train)}): "
                            "FD is biased by n, so it is computed at equal sizes; lower --n")

@@ -307,3 +307,18 @@ def test_read_only_output(name, fx, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p).startswith(ro) and mode & os.W_OK
                         else real(p, mode, **kw))
     refused(argv, watch=[tmp_path, fx.root], pattern="not writable|cannot be replaced")
+
+
+@pytest.mark.parametrize("err", ["ENOSPC", "EDQUOT", "EROFS"])
+def test_full_disk_while_writing_samples(err, fx, tmp_path, monkeypatch):
+    """A disk that fills (or turns read-only) after the checks: one line, exit 2, no traceback."""
+    import errno
+    import os
+
+    import fewstep.images
+
+    def full(path, x):
+        raise OSError(getattr(errno, err), os.strerror(getattr(errno, err)), str(path))
+
+    monkeypatch.setattr(fewstep.images, "write_samples", full)
+    refused(_sample(tmp_path, fx), watch=[tmp_path, fx.root], pattern="free space")

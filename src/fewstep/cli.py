@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import math
 import sys
@@ -66,6 +67,7 @@ SPACING_HELP = ("trailing (default: starts at T-1, which matters at 1-2 steps), 
                 "diffusers' timestep_spacing.")
 
 
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 FLAG_NAMES = {"json_out": "--json", "set_": "--set", "range_": "--range"}
 
 
@@ -80,6 +82,14 @@ def _friendly(fn):
         except FewstepError as e:
             # escape: messages quote user paths and values, which may hold "[...]" (rich markup)
             console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as e:  # a full disk or a place that turned read-only while writing: one line, not a traceback
+            if e.errno not in _WRITE_ERRORS:
+                raise
+            where = f" ({e.filename})" if e.filename else ""
+            console.print(f"[red]error:[/red] {escape(e.strerror or str(e))}{escape(where)}: free space or choose "
+                          "a writable place, then run the command again (a training run continues with --resume from "
+                          "its last checkpoint)", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("interrupted: the last checkpoint is kept (continue with --resume)")

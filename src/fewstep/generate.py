@@ -14,6 +14,7 @@ import torch
 
 from fewstep.diffusion.schedules import spaced_timesteps
 from fewstep.errors import FewstepError
+from fewstep.images import check_finite_samples
 from fewstep.models.denoiser import Cond
 from fewstep.models.folder import LoadedModel
 from fewstep.samplers import SAMPLERS, IndexedNoise, NFECounter, SamplerOptions, guide
@@ -86,6 +87,9 @@ def generate(model: LoadedModel, sampler: str, timesteps: list[float], n: int, s
     shape = model.sample_shape
     if latents is not None and tuple(latents.shape) != (n, *shape):
         raise FewstepError(f"--latents has shape {tuple(latents.shape)}, expected {(n, *shape)} (n={n})")
+    if latents is not None and not torch.isfinite(latents).all():
+        raise FewstepError(f"--latents holds {int((~torch.isfinite(latents)).sum())} NaN or infinite values: give "
+                           "finite noise")
     w_input = model.denoiser.takes_guidance
     if w_input:
         lo, hi = model.config.guidance_range or (guidance, guidance)
@@ -114,7 +118,11 @@ def generate(model: LoadedModel, sampler: str, timesteps: list[float], n: int, s
         outs.append(spec.fn(counter, noise.to(device), sigmas, cond, opts).cpu())
     wall = time.perf_counter() - t0
     batches = (n + batch_size - 1) // batch_size
-    return SampleResult(torch.cat(outs), labels, sampler, list(timesteps), guidance, counter.nfe // max(1, batches),
+    x = torch.cat(outs)
+    w_note = f"the guidance scale {guidance:g} may be too large, " if guidance != 1.0 else ""
+    check_finite_samples(x, f"the sampler diverged: {w_note}or the model's weights or its config ({sampler} at "
+                            f"{len(timesteps)} steps) do not fit each other")
+    return SampleResult(x, labels, sampler, list(timesteps), guidance, counter.nfe // max(1, batches),
                         wall)
 
 

@@ -52,9 +52,23 @@ def png_bytes(x: torch.Tensor, nrow: int | None = None) -> bytes:
     return buf.getvalue()
 
 
+def check_finite_samples(x: torch.Tensor, what: str) -> None:
+    """Refuse samples holding NaN or inf (a NaN array or a grey grid is never a result): ``what`` says what is
+    refused and the likely causes."""
+    bad = ~torch.isfinite(x.reshape(len(x), -1)) if x.ndim else ~torch.isfinite(x.reshape(1, 1))
+    if bad.any():
+        n_bad = int(bad.any(dim=1).sum())
+        raise FewstepError(f"{n_bad} of {len(bad)} samples hold NaN or infinite values ({int(bad.sum())} values): "
+                           f"{what}")
+
+
 def write_samples(path: Path, x: torch.Tensor, nrow: int | None = None) -> None:
-    """``.npy``: the raw array (N, ...) in the data range; ``.png``: a grid or scatter plot."""
+    """``.npy``: the raw array (N, ...) in the data range; ``.png``: a grid or scatter plot.  Samples holding NaN or
+    inf are refused (nothing written)."""
     path = Path(path)
+    if path.suffix in (".npy", ".png"):
+        check_finite_samples(x, f"nothing written to {path}; the cause is upstream: the initial noise (latents), "
+                                "the guidance scale, or the model's weights")
     if path.suffix == ".npy":
         arr = x.numpy().astype(np.float32)
 

@@ -16,21 +16,24 @@ import hashlib
 import io
 import json
 import platform
+import re
 import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, field_validator
 
 import fewstep
 from fewstep.data.datasets import is_image_data
 from fewstep.errors import FewstepError
 from fewstep.evaluate.features import feature_weights_sha256
 from fewstep.io import file_sha256, read_json, read_yaml, write_text
+from fewstep.schema import NonNegInt, PosInt, Strict, YamlFinite, check, describe_value
 
 METRICS_VERSION = 1
 SPACINGS = ("trailing", "leading", "linspace")
@@ -71,6 +74,148 @@ class BenchConfig:
     teacher_reference: dict[str, Any] = field(default_factory=lambda: {"sampler": "dpmpp-2m", "steps": 50})
     students: list[dict[str, str]] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None  # the config file (named in errors)
+
+    @property
+    def where(self) -> str:
+        return f"bench config {self.path}" if self.path else "bench config"
+
+
+# --- the schema of a bench YAML -------------------------------------------------------------------------------
+def _known(kind: str, names: list[str]) -> list[str]:
+    """``names`` are all known samplers (``kind`` "sampler") or diffusers schedulers ("baseline")."""
+    if kind == "sampler":
+        from fewstep.samplers import SAMPLERS as known
+    else:
+        from fewstep.baselines import DIFFUSERS_SCHEDULERS as known
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown {kind} {name!r}: use {', '.join(known)}")
+    return names
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+class StudentEntry(Strict):
+    name: str = Field(description="the row's name (text)")
+    model: str = Field(description="a model folder or distillation run, relative to the config's folder")
+    steps: Any = Field(None, description="a whole number >= 1 or a non-empty list of them")
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: Any) -> Any:
+        if not (v is None or _positive_int(v) or (isinstance(v, list) and v and all(map(_positive_int, v)))):
+            raise ValueError("give a whole number >= 1 or a non-empty list of them (the steps to sample the student "
+                             "at)")
+        return v
+
+
+class TeacherReference(Strict):
+    sampler: str = Field(description="a sampler's name")
+    steps: PosInt = Field(description="a whole number >= 1")
+
+    @field_validator("sampler")
+    @classmethod
+    def _sampler(cls, v: str) -> str:
+        return _known("sampler", [v])[0]
+
+
+class TeacherSection(Strict):
+    folder: str = Field(None, description="the teacher's model folder, relative to the config's folder")
+    train: dict[str, Any] | None = Field(None, description="a mapping of `fewstep train` settings (see "
+                                                           "benchmarks/digits.yaml), or null")
+
+
+class BenchFields(Strict):
+    """What a bench config (or one of its profiles) may set; a value left out keeps its default."""
+
+    name: str = Field(None, description="the benchmark's name (text)")
+    data: Any = Field(None, description="a data set's name, a path, or a mapping {source: PATH, ...--data's options}")
+    out: str = Field(None, description="the output folder, relative to the config's folder")
+    teacher: TeacherSection = Field(None, description="a mapping {folder: PATH, train: {...}}")
+    n: PosInt | None = Field(None, description="a whole number >= 1 (samples per row), or null for the test split's "
+                                               "size")
+    seed: NonNegInt = Field(0, description="a whole number >= 0 and below 2**63")
+    guidance: YamlFinite = Field(1.0, ge=0, description="a finite number >= 0")
+    samplers: list[str] = Field(None, description="a list of sampler names")
+    nfe: list[PosInt] = Field(None, min_length=1, description="a non-empty list of whole numbers >= 1")
+    baselines: list[str] = Field(None, description="a list of diffusers schedulers (DDIM, DPMSolverMultistep, "
+                                                   "UniPC, Euler)")
+    baseline_spacing: Literal["best", "trailing", "leading", "linspace"] = Field(
+        "best", description="best, trailing, leading or linspace")
+    teacher_reference: TeacherReference | None = Field(None, description="a mapping {sampler: NAME, steps: N}, or "
+                                                                         "null for no reference row")
+    students: list[StudentEntry] | None = Field(None, description="a list of {name, model, steps} mappings")
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, v: Any) -> Any:
+        if not (isinstance(v, str) and v) and not (isinstance(v, dict) and isinstance(v.get("source"), str)):
+            raise ValueError("give a data set's name, a path, or a mapping with a `source` path and --data's options")
+        return v
+
+    @field_validator("samplers")
+    @classmethod
+    def _samplers(cls, v: list[str]) -> list[str]:
+        return _known("sampler", v)
+
+    @field_validator("baselines")
+    @classmethod
+    def _baselines(cls, v: list[str]) -> list[str]:
+        return _known("baseline", v)
+
+    @field_validator("teacher_reference", mode="before")
+    @classmethod
+    def _no_reference(cls, v: Any) -> Any:
+        return None if v == {} else v  # `teacher_reference: {}`: no reference row, as null
+
+
+class BenchFile(BenchFields):
+    profiles: dict[str, BenchFields] | None = Field(None, description="a mapping of profile names to settings")
+
+
+class TeacherTrain(Strict):
+    """The ranges of ``teacher.train``'s values once typed (teacher_recipe: its keys and types)."""
+
+    model_config = Strict.model_config | {"extra": "allow"}
+    preset: str | None = None
+    objective: str = "ddpm"
+    prediction: Literal["eps", "v", "x0"] | None = Field(None, description="eps, v, x0 or null")
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = Field(
+        "linear", description="linear, scaled_linear or squaredcos_cap_v2")
+    seed: NonNegInt = 0
+    steps: PosInt = 1
+    batch: PosInt = 1
+    grad_accum: PosInt = 1
+    ckpt_every: PosInt = 1
+    log_every: PosInt = 1
+    warmup: NonNegInt = 0
+    lr: YamlFinite = Field(1e-3, gt=0, description="a finite number > 0")
+    weight_decay: YamlFinite = Field(0.0, ge=0, description="a finite number >= 0")
+    grad_clip: YamlFinite = Field(1.0, ge=0, description="a finite number >= 0 (0: off)")
+    ema_decay: YamlFinite = Field(0.999, ge=0, lt=1, description="a number in [0, 1)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="no, fp16 or bf16")
+    log_with: Literal["tensorboard", "wandb"] | None = Field(None, description="tensorboard, wandb or null")
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, v: str | None) -> str | None:
+        from fewstep.models.backbones import MLP_PRESETS, UNET_PRESETS
+
+        if v is not None and v not in (*UNET_PRESETS, *MLP_PRESETS):
+            raise ValueError(f"use one of {', '.join([*UNET_PRESETS, *MLP_PRESETS])} (or null: by the data's shape)")
+        return v
+
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, v: str) -> str:
+        from fewstep.training.teacher import OBJECTIVES
+
+        if v not in OBJECTIVES:
+            raise ValueError(f"use one of {', '.join(OBJECTIVES)}")
+        return v
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -112,39 +257,45 @@ def bench_data(value: Any, base: Path, path: Path) -> str:
 
 
 def load_bench_config(path: Path, profile: str = "full") -> BenchConfig:
+    """A bench YAML, checked whole (every profile, not only ``profile``) before any work: a value of the wrong type,
+    not finite or out of range, an unknown key (a typo) or a missing one is one FewstepError line naming the field
+    as a dotted path (``profiles.quick.n``) and what is allowed.  Then ``profile``'s settings over the config's."""
     path = Path(path)
-    raw = read_yaml(path, f"bench config {path}")  # not UTF-8 is one line too
+    where = f"bench config {path}"
+    raw = read_yaml(path, where)  # not UTF-8 is one line too
     if not isinstance(raw, dict):
-        raise FewstepError(f"bench config {path} should be a YAML mapping")
-    profiles = raw.pop("profiles", {}) or {}
+        raise FewstepError(f"{where} should be a YAML mapping of settings (see benchmarks/digits.yaml), got "
+                           f"{describe_value(raw)}")
+    check(BenchFile, raw, where)
+    profiles = raw.pop("profiles", None) or {}
     if profile not in profiles and profile != "full":
-        raise FewstepError(f"profile {profile!r} is not in {path}: choose one of {', '.join(profiles) or 'full'}")
-    raw = _merge(raw, profiles.get(profile, {}))
-    teacher = raw.pop("teacher", {}) or {}
-    known = {f.name for f in dataclasses.fields(BenchConfig)}
-    unknown = set(raw) - known
-    if unknown:
-        raise FewstepError(f"bench config {path}: unknown keys {', '.join(sorted(unknown))}")
+        raise FewstepError(f"profile {profile!r} is not in {path}: choose one of {', '.join(['full', *profiles])}")
+    raw = _merge(raw, profiles.get(profile) or {})
+    in_profile = f" (in the config or its profile {profile})" if profile in profiles else ""
+    for key, what in (("name", "the benchmark's name"), ("data", "the data set's name or a path"),
+                      ("teacher", "a mapping {folder: PATH, train: {...}}")):
+        if key not in raw:
+            raise FewstepError(f"{where}: `{key}` is missing{in_profile}: give {what}")
+    teacher = raw.pop("teacher")
     if "folder" not in teacher:
-        raise FewstepError(f"bench config {path}: teacher.folder is required")
+        raise FewstepError(f"{where}: `teacher.folder` is missing{in_profile}: give the teacher's model folder")
     base = path.parent
-    if "data" in raw:
-        raw["data"] = bench_data(raw["data"], base, path)
-    cfg = BenchConfig(**{**raw, "out": base / raw.get("out", f"results/{raw.get('name', 'bench')}"),
-                         "teacher_folder": base / teacher["folder"], "teacher_train": teacher.get("train") or {},
-                         "raw": {**raw, "teacher": teacher, "profile": profile}})
-    for s in cfg.students:
-        if not isinstance(s, dict) or "name" not in s or "model" not in s:
-            raise FewstepError(f"bench config {path}: each student needs `name` and `model`, got {s!r}")
-        steps = s.get("steps")
-        if steps is not None and not (isinstance(steps, int) or (isinstance(steps, list) and steps
-                                                                 and all(isinstance(k, int) for k in steps))):
-            raise FewstepError(f"bench config {path}: student {s['name']!r}: `steps` is a number or a list of them")
-        s["model"] = str(base / s["model"])
-    ref = cfg.teacher_reference
-    if ref and (not isinstance(ref, dict) or "sampler" not in ref or "steps" not in ref):
-        raise FewstepError(f"bench config {path}: teacher_reference needs `sampler` and `steps`")
+    raw["data"] = bench_data(raw["data"], base, path)
+    train = teacher.get("train") or {}
+    if train:
+        check_teacher_train(raw["data"], train, where)
+    students = [{**s, "model": str(base / s["model"])} for s in raw.pop("students", None) or []]
+    cfg = BenchConfig(**{**raw, "out": base / raw.get("out", f"results/{raw['name']}"), "students": students,
+                         "teacher_folder": base / teacher["folder"], "teacher_train": train,
+                         "raw": {**raw, "students": students, "teacher": teacher, "profile": profile}, "path": path})
     return cfg
+
+
+def check_teacher_train(data: str, train: dict[str, Any], where: str) -> None:
+    """``teacher.train``: `fewstep train`'s settings by name (teacher_recipe: keys and types), in range."""
+    opts, loop = teacher_recipe(data, train, where)
+    typed = {k: getattr(opts, k) if hasattr(opts, k) else getattr(loop, k) for k in train}
+    check(TeacherTrain, typed, where, "teacher.train")
 
 
 # --- results database ---------------------------------------------------------------------------
@@ -203,7 +354,7 @@ def _machine() -> str:
 TEACHER_LOOP = {"steps": 3000, "batch": 64, "lr": 1e-3, "ema_decay": 0.999, "ckpt_every": 500}  # = `fewstep train`
 
 
-def teacher_recipe(data: str, train: dict[str, Any]) -> tuple[Any, Any]:
+def teacher_recipe(data: str, train: dict[str, Any], where: str = "bench config") -> tuple[Any, Any]:
     """(TeacherOptions, TrainConfig) of a bench config's ``teacher.train`` section: the teacher's options (preset,
     objective, prediction, conditional, beta_schedule, seed) and the loop's (steps, batch, lr, ...), with
     `fewstep train`'s defaults."""
@@ -214,13 +365,13 @@ def teacher_recipe(data: str, train: dict[str, Any]) -> tuple[Any, Any]:
     loop_keys = {f.name for f in dataclasses.fields(TrainConfig)} - {"progress"}
     unknown = set(train) - teacher_keys - loop_keys
     if unknown:
-        raise FewstepError(f"bench config: teacher.train has unknown keys {', '.join(sorted(unknown))}: use "
+        raise FewstepError(f"{where}: teacher.train has unknown keys {', '.join(sorted(unknown))}: use "
                            f"{', '.join(sorted(teacher_keys | loop_keys))}")
     from fewstep.training.recipe import coerce, option_fields
 
     def typed(cls: type, keys: set[str]) -> dict[str, Any]:  # YAML gives `lr: 1e-3` as text: the fields' types
         types = option_fields(cls)
-        return {k: coerce(v, types[k][0], f"bench config: teacher.train.{k}") for k, v in train.items() if k in keys}
+        return {k: coerce(v, types[k][0], f"{where}: teacher.train.{k}") for k, v in train.items() if k in keys}
 
     opts = TeacherOptions(data=data, **typed(TeacherOptions, teacher_keys))
     loop = {**TEACHER_LOOP, **typed(TrainConfig, loop_keys)}
@@ -234,9 +385,9 @@ def ensure_teacher(cfg: BenchConfig, log: Callable[[str], None]) -> Path:
     folder = cfg.teacher_folder
     t = dict(cfg.teacher_train)
     latest = folder / "checkpoints" / "latest"
-    opts, train_cfg = teacher_recipe(cfg.data, t) if t else (None, None)
+    opts, train_cfg = teacher_recipe(cfg.data, t, cfg.where) if t else (None, None)
     steps = train_cfg.steps if train_cfg is not None else 0
-    if (folder / "config.json").is_file() or (folder / "model_index.json").is_file() or (folder / "unet").is_dir():
+    if _has_model(folder):
         if not t or not latest.is_file():
             return folder  # an external (e.g. diffusers) teacher, or one this config does not train
         trained = json.loads((folder / "config.json").read_text()).get("training", {}).get("steps", 0)
@@ -372,8 +523,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     from fewstep.images import write_samples
     from fewstep.models.folder import load_model, model_folder
 
-    n = cfg.n or default_n(cfg.data)
-    check_n(cfg.data, n)  # too few (image data), or more than the splits hold: before training anything
+    try:
+        n = cfg.n or default_n(cfg.data)
+        check_n(cfg.data, n)  # too few (image data), or more than the splits hold: before training anything
+    except FewstepError as e:  # the checks speak of `evaluate`'s flags: here they are the config's fields
+        raise FewstepError(f"{cfg.where}: " + re.sub(r"--(n|data) ", r"\1 ", str(e))) from None
+    check_models_fit(cfg)  # the data fits the teacher and the students, as `evaluate` checks: before any work
     folder = ensure_teacher(cfg, log)
     teacher = load_model(folder)
     out = Path(cfg.out)
@@ -431,6 +586,33 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     teacher_info = {"folder": str(folder), "training": teacher.config.training, "data": cfg.data,
                     "guidance": cfg.guidance, "n": n}
     return write_report(out, cfg.name, results, teacher_info)
+
+
+def _has_model(folder: Path) -> bool:
+    return (folder / "config.json").is_file() or (folder / "model_index.json").is_file() or (folder / "unet").is_dir()
+
+
+def check_models_fit(cfg: BenchConfig) -> None:
+    """The bench's data fits its teacher (when its folder already holds one) and every student folder there is,
+    as ``fewstep evaluate --data`` checks a model (runner.model_dataset): sample shape and classes.  Loading them
+    here also refuses a damaged config or weights before anything is trained or sampled."""
+    from fewstep.evaluate.runner import model_dataset
+    from fewstep.models.folder import load_model, model_folder
+
+    folders = [("teacher", cfg.teacher_folder)] if _has_model(cfg.teacher_folder) else []
+    for s in cfg.students:
+        try:
+            folder = model_folder(s["model"])
+        except FewstepError:  # a distillation run without its student yet: skipped later, with a message
+            continue
+        if (folder / "config.json").is_file():
+            folders.append((f"student {s['name']!r}", folder))
+    for what, folder in folders:
+        try:
+            model_dataset(load_model(folder), cfg.data)
+        except FewstepError as e:
+            msg = str(e).split(": pass the --data")[0]
+            raise FewstepError(f"{cfg.where}: data {cfg.data} does not fit the {what} in {folder}: {msg}") from None
 
 
 def _f(v: float | None) -> str:

@@ -8,14 +8,17 @@ nets get ``num_classes + 1`` embeddings: the last is the null class of classifie
 from __future__ import annotations
 
 import copy
+import json
 import math
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from diffusers import UNet2DModel
+from pydantic import ConfigDict, Field, field_validator
 from torch import nn
 
 from fewstep.errors import FewstepError
+from fewstep.schema import NonNegInt, PosInt, Strict, check
 
 # UNet2DModel configs (without sample_size/channels/classes), by preset name.
 UNET_PRESETS: dict[str, dict[str, Any]] = {
@@ -55,10 +58,102 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 MLP_PRESETS: dict[str, dict[str, Any]] = {"mlp": dict(hidden=256, depth=3), "mlp-small": dict(hidden=64, depth=2)}
 
 
+# --- what a config may say about each backbone (a model folder is data: only these keys, these names) -----------
+DOWN_BLOCKS = ("DownBlock2D", "ResnetDownsampleBlock2D", "AttnDownBlock2D", "SkipDownBlock2D", "AttnSkipDownBlock2D")
+UP_BLOCKS = ("UpBlock2D", "ResnetUpsampleBlock2D", "AttnUpBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D")
+Positive = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, description="a finite number > 0")]
+
+
+class UNet2DConfig(Strict):
+    """The keyword arguments of diffusers' ``UNet2DModel`` (0.42), with the values fewstep can sample."""
+
+    sample_size: Any = Field(None, description="a whole number >= 1 or [height, width]")
+    in_channels: PosInt = 3
+    out_channels: PosInt = 3
+    center_input_sample: bool = False
+    time_embedding_type: Literal["positional", "fourier", "learned"] = "positional"
+    time_embedding_dim: PosInt | None = None
+    freq_shift: NonNegInt = 0
+    flip_sin_to_cos: bool = True
+    down_block_types: list[Literal[DOWN_BLOCKS]] = Field(  # type: ignore[valid-type]
+        ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"], min_length=1,
+        description=f"a list of block names ({', '.join(DOWN_BLOCKS)})")
+    mid_block_type: Literal["UNetMidBlock2D"] | None = "UNetMidBlock2D"
+    up_block_types: list[Literal[UP_BLOCKS]] = Field(  # type: ignore[valid-type]
+        ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"], min_length=1,
+        description=f"a list of block names ({', '.join(UP_BLOCKS)})")
+    block_out_channels: list[PosInt] = Field([224, 448, 672, 896], min_length=1,
+                                             description="a list of whole numbers >= 1, one per level")
+    layers_per_block: PosInt = 2
+    mid_block_scale_factor: Positive = 1.0
+    downsample_padding: NonNegInt = 1
+    downsample_type: Literal["conv", "resnet"] = "conv"
+    upsample_type: Literal["conv", "resnet"] = "conv"
+    dropout: float = Field(0.0, strict=True, allow_inf_nan=False, ge=0, lt=1, description="a number in [0, 1)")
+    act_fn: Literal["silu", "swish", "mish", "gelu", "relu"] = "silu"
+    attention_head_dim: PosInt | None = 8
+    norm_num_groups: PosInt = 32
+    attn_norm_num_groups: PosInt | None = None
+    norm_eps: Positive = 1e-5
+    resnet_time_scale_shift: Literal["default", "scale_shift"] = "default"
+    add_attention: bool = True
+    class_embed_type: None = Field(None, description="null (fewstep conditions on class ids: num_class_embeds)")
+    num_class_embeds: PosInt | None = None
+    num_train_timesteps: PosInt | None = None
+
+    @field_validator("sample_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        ok = (isinstance(v, int) and not isinstance(v, bool) and v >= 1) or (
+            isinstance(v, list) and len(v) == 2 and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
+                                                        for s in v))
+        if not ok:
+            raise ValueError("give a whole number >= 1 or [height, width] (fewstep needs the sample size)")
+        return v
+
+    # level counts that disagree (block_out_channels vs the block lists) fail when diffusers builds the network: one
+    # line too ("describes a network that cannot be built"), so no second rule here
+
+
+class UNet2DFolderConfig(UNet2DConfig):
+    """A diffusers folder's ``unet/config.json``: diffusers' private keys (``_class_name``, ``_diffusers_version``)
+    and keys of other diffusers versions are ignored, as diffusers ignores them."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class MLPConfig(Strict):
+    dim: PosInt = 2
+    hidden: PosInt = 256
+    depth: PosInt = 3
+    num_class_embeds: PosInt | None = None
+
+
+class GuidanceEmbeddedConfig(Strict):
+    inner: Literal["unet2d", "mlp"] = Field(description="unet2d or mlp")
+    inner_config: dict[str, Any] = Field(description="a mapping: the inner backbone's config")
+    w_scale: Positive = 100.0
+
+
+def check_backbone_config(kind: str, config: Any, where: str, prefix: str = "backbone_config") -> None:
+    """``config`` is what backbone ``kind`` takes: a mapping of its own keys with values of the right types and ranges
+    (never a name to fetch, a class or a module: a model folder is data).  One FewstepError line otherwise."""
+    if kind not in BACKBONES:
+        raise FewstepError(f"{where}: unknown backbone {kind!r}: use one of {', '.join(BACKBONES)}")
+    if not isinstance(config, dict):
+        raise FewstepError(f"{where}: {prefix} = {config!r:.60}: give a mapping of the {kind} network's settings (a "
+                           "name or path is never looked up)")
+    plain = json.loads(json.dumps(config))  # presets hold tuples: the JSON form, as a config file has it
+    check(BACKBONES[kind].config_schema, plain, where, prefix)  # type: ignore[attr-defined]
+    if kind == "guidance-embedded":
+        check_backbone_config(plain["inner"], plain["inner_config"], where, f"{prefix}.inner_config")
+
+
 class UNetBackbone(nn.Module):
     """diffusers ``UNet2DModel`` behind the backbone call; ``self.unet`` is the diffusers model itself."""
 
     kind = "unet2d"
+    config_schema = UNet2DConfig
 
     def __init__(self, unet: UNet2DModel):
         super().__init__()
@@ -71,6 +166,10 @@ class UNetBackbone(nn.Module):
     @property
     def config(self) -> dict[str, Any]:
         return {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}
+
+    @property
+    def num_class_embeds(self) -> int:
+        return self.unet.config.num_class_embeds or 0
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -94,6 +193,7 @@ class MLPBackbone(nn.Module):
     """A residual MLP for low-dimensional data: x (B, D), float time input, optional class label."""
 
     kind = "mlp"
+    config_schema = MLPConfig
 
     def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 3, num_class_embeds: int | None = None):
         super().__init__()
@@ -118,6 +218,10 @@ class MLPBackbone(nn.Module):
         return dict(self._config)
 
     @property
+    def num_class_embeds(self) -> int:
+        return self._config["num_class_embeds"] or 0
+
+    @property
     def sample_shape(self) -> tuple[int, ...]:
         return (self._config["dim"],)
 
@@ -138,6 +242,7 @@ class GuidanceEmbedded(nn.Module):
 
     kind = "guidance-embedded"
     takes_guidance = True
+    config_schema = GuidanceEmbeddedConfig
 
     def __init__(self, inner: str, inner_config: dict[str, Any], w_scale: float = 100.0):
         super().__init__()
@@ -178,6 +283,10 @@ class GuidanceEmbedded(nn.Module):
         return dict(self._config)
 
     @property
+    def num_class_embeds(self) -> int:
+        return self.inner.num_class_embeds
+
+    @property
     def sample_shape(self) -> tuple[int, ...]:
         return self.inner.sample_shape
 
@@ -196,9 +305,9 @@ BACKBONES: dict[str, type[nn.Module]] = {"unet2d": UNetBackbone, "mlp": MLPBackb
                                          "guidance-embedded": GuidanceEmbedded}
 
 
-def build_backbone(kind: str, config: dict[str, Any]) -> nn.Module:
-    if kind not in BACKBONES:
-        raise FewstepError(f"unknown backbone {kind!r}: use one of {', '.join(BACKBONES)}")
+def build_backbone(kind: str, config: dict[str, Any], where: str = "backbone config") -> nn.Module:
+    """The network ``kind`` with ``config``, checked first (:func:`check_backbone_config`)."""
+    check_backbone_config(kind, config, where)
     return BACKBONES[kind].from_config(config)  # type: ignore[attr-defined]
 
 

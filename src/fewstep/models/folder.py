@@ -16,18 +16,21 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 import fewstep
-from fewstep.diffusion.schedules import NoiseSchedule
+from fewstep.diffusion.param import PARAMETERIZATIONS
+from fewstep.diffusion.schedules import SPACINGS, NoiseSchedule, check_timesteps
 from fewstep.errors import FewstepError
 from fewstep.io import load_tensors, read_json, save_tensors, write_json, write_text
-from fewstep.models.backbones import UNetBackbone, build_backbone
+from fewstep.models.backbones import BACKBONES, UNet2DFolderConfig, UNetBackbone, build_backbone, check_backbone_config
 from fewstep.models.denoiser import Denoiser
-from fewstep.models.scheduler_config import VPProcess
+from fewstep.models.scheduler_config import VPProcess, VPSchedule
+from fewstep.schema import FieldProblem, Finite, NonNegInt, PosInt, Strict, check, describe_value, non_finite
 
 FORMAT = "fewstep-model/1"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -76,15 +79,13 @@ class ModelConfig:
 
     @staticmethod
     def from_json(obj: dict[str, Any], where: str) -> ModelConfig:
-        if obj.get("format") != FORMAT:
-            raise FewstepError(f"{where} is not a fewstep model config (format {obj.get('format')!r})")
+        """The config a model folder's ``config.json`` holds, checked field by field (:func:`check_config`): a value
+        of the wrong type, not finite or out of range is one FewstepError line naming ``where`` and the field."""
+        check_config(obj, where)
         known = {f.name for f in dataclasses.fields(ModelConfig)}
         kw = {k: v for k, v in obj.items() if k in known}
-        try:
-            kw["sampling"] = SamplingDefaults(**kw.get("sampling", {}))
-            return ModelConfig(**kw)
-        except TypeError as e:
-            raise FewstepError(f"{where} has a malformed field ({e}): recreate the model folder") from None
+        kw["sampling"] = SamplingDefaults(**kw.get("sampling", {}))
+        return ModelConfig(**kw)
 
     def vp_process(self) -> VPProcess | None:
         if self.schedule.get("type") != "vp":
@@ -115,6 +116,188 @@ class ModelConfig:
     def ddpm_variance(self) -> str:
         p = self.vp_process()
         return p.variance_type if p else "fixed_small"
+
+
+# --- the schema of config.json ---------------------------------------------------------------------------------
+NonNegFinite = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, description="a finite number >= 0")]
+
+
+class SamplingSchema(Strict):
+    sampler: str = Field("dpmpp-2m", description="a sampler's name")
+    steps: PosInt = Field(25, description="a whole number >= 1")
+    spacing: Literal[SPACINGS] = Field("trailing", description=", ".join(SPACINGS))  # type: ignore[valid-type]
+    timesteps: list[Finite] | None = Field(None, min_length=1, description="a non-empty list of numbers, or null")
+    guidance: NonNegFinite = 1.0
+    eta: NonNegFinite = 0.0
+
+    @field_validator("sampler")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from fewstep.samplers import SAMPLERS
+
+        if v not in SAMPLERS:
+            raise ValueError(f"use one of {', '.join(SAMPLERS)}")
+        return v
+
+
+class DataRecordSchema(Strict):
+    """What ``fewstep.data`` records about a user's data (other keys may follow in later versions)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    hash: str | None = None
+    test_hash: str | None = None
+    n_train: NonNegInt | None = None
+    n_test: NonNegInt | None = None
+    num_classes: NonNegInt | None = None
+    class_names: list[str] | None = Field(None, description="a list of names, or null")
+    sample_shape: list[PosInt] | None = None
+
+
+class TrainingRecordSchema(Strict):
+    """The training record is provenance (any keys); the ones fewstep reads back are typed."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    steps: NonNegInt = Field(0, description="a whole number >= 0")
+    wall_seconds: NonNegFinite = 0.0
+    distill_wall_seconds: NonNegFinite = 0.0
+    distilled_guidance: NonNegFinite = 1.0
+
+
+class ConfigSchema(Strict):
+    format: str
+    fewstep_version: str = Field("", description="a version string")
+    backbone: str = Field(description="one of " + ", ".join(BACKBONES))
+    backbone_config: dict[str, Any] = Field(description="a mapping of the network's settings (a name or path is "
+                                                        "never looked up)")
+    prediction: str = Field(description="one of " + ", ".join(PARAMETERIZATIONS))
+    schedule: dict[str, Any] = Field(description="a mapping with `type` vp, flow or karras")
+    sample_shape: list[PosInt] = Field(description="[channels, height, width] or [dim], whole numbers >= 1")
+    num_classes: NonNegInt = Field(0, description="a whole number >= 0 (0: unconditional)")
+    null_class: NonNegInt | None = Field(None, description="a whole number >= 0 or null")
+    data: str | None = Field(None, description="a data set's name or data key, or null")
+    data_record: DataRecordSchema | None = Field(None, description="a mapping (what fewstep recorded about the data) "
+                                                                   "or null")
+    role: str = Field("teacher", description="a text such as teacher or student")
+    boundary: Literal["lcm"] | None = Field(None, description="lcm or null")
+    guidance_range: list[NonNegFinite] | None = Field(None, description="[low, high], finite numbers >= 0, or null")
+    sampling: SamplingSchema = Field(default_factory=SamplingSchema, description="a mapping")
+    training: TrainingRecordSchema = Field(default_factory=TrainingRecordSchema, description="a mapping")
+
+    @field_validator("backbone")
+    @classmethod
+    def _backbone(cls, v: str) -> str:
+        if v not in BACKBONES:
+            raise ValueError(f"unknown backbone {v!r}: use one of {', '.join(BACKBONES)}")
+        return v
+
+    @field_validator("prediction")
+    @classmethod
+    def _prediction(cls, v: str) -> str:
+        if v not in PARAMETERIZATIONS:
+            raise ValueError(f"unknown prediction {v!r}: use one of {', '.join(PARAMETERIZATIONS)}")
+        return v
+
+    @field_validator("sample_shape")
+    @classmethod
+    def _rank(cls, v: list[int]) -> list[int]:
+        if len(v) not in (1, 3):
+            raise ValueError("give [channels, height, width] for images or [dim] for vectors")
+        return v
+
+    @field_validator("guidance_range")
+    @classmethod
+    def _range(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) != 2 or v[0] > v[1]):
+            raise ValueError("give [low, high] with low <= high")
+        return v
+
+    @model_validator(mode="after")
+    def _classes(self) -> ConfigSchema:
+        if self.null_class is not None and self.null_class < self.num_classes:
+            raise FieldProblem("null_class", self.null_class, f"the null class is not one of the classes 0.."
+                               f"{self.num_classes - 1} (num_classes = {self.num_classes}): give {self.num_classes} or "
+                               "more, or null")
+        if self.null_class is not None and not self.num_classes:
+            raise FieldProblem("null_class", self.null_class, "an unconditional model (num_classes 0) has no null "
+                               "class: give null")
+        return self
+
+
+class FlowSchedule(Strict):
+    type: Literal["flow"]
+    num_train_timesteps: PosInt = 1000
+
+
+class KarrasSchedule(Strict):
+    type: Literal["karras"]
+    num_train_timesteps: int = Field(1000, strict=True, ge=2, description="a whole number >= 2")
+    sigma_min: float = Field(0.002, strict=True, allow_inf_nan=False, gt=0, description="a finite number > 0")
+    sigma_max: float = Field(80.0, strict=True, allow_inf_nan=False, gt=0, description="a finite number > 0")
+
+    @model_validator(mode="after")
+    def _order(self) -> KarrasSchedule:
+        if not self.sigma_min < self.sigma_max:
+            raise FieldProblem("sigma_min", self.sigma_min, f"give a sigma_min below sigma_max ({self.sigma_max})")
+        return self
+
+
+SCHEDULES: dict[str, type[Strict]] = {"vp": VPSchedule, "flow": FlowSchedule, "karras": KarrasSchedule}
+
+
+def check_config(obj: Any, where: str) -> None:
+    """A model config as ``config.json`` holds it: every field typed, finite and in range; the schedule's, the
+    backbone's and the sampling defaults' own keys; timesteps inside the schedule.  One FewstepError line naming
+    ``where`` and the field otherwise.  A config names no code and nothing to download: the backbone is one of
+    fewstep's own kinds and its config a mapping of that kind's keys."""
+    if not isinstance(obj, dict):
+        raise FewstepError(f"{where}: should hold a JSON object")
+    fmt = obj.get("format")
+    if fmt != FORMAT:
+        if isinstance(fmt, str) and fmt.startswith("fewstep-model/"):
+            raise FewstepError(f"{where}: format = {fmt!r}: this fewstep reads {FORMAT} (the folder was written by "
+                               "another version: upgrade fewstep, or re-export the model with the version that "
+                               "wrote it)")
+        raise FewstepError(f"{where}: format = {describe_value(fmt)}: not a fewstep model config (format {FORMAT})")
+    top = check(ConfigSchema, obj, where)
+    sched = obj["schedule"]
+    kind = sched.get("type")
+    if "type" not in sched:
+        raise FewstepError(f"{where}: `schedule.type` is missing: give one of {', '.join(SCHEDULES)}")
+    if kind not in SCHEDULES:
+        raise FewstepError(f"{where}: schedule.type = {describe_value(kind)}: use one of {', '.join(SCHEDULES)}")
+    check(SCHEDULES[kind], sched, where, "schedule")
+    check_backbone_config(top.backbone, obj["backbone_config"], where)  # type: ignore[attr-defined]
+    ts = top.sampling.timesteps  # type: ignore[attr-defined]
+    if ts is not None:
+        try:
+            check_timesteps(ts, sched.get("num_train_timesteps", 1000))
+        except FewstepError as e:
+            raise FewstepError(f"{where}: sampling.timesteps = {describe_value(ts)}: {e}") from None
+
+
+def check_fits(config: ModelConfig, net: nn.Module, where: str) -> None:
+    """The network a config describes makes its samples and embeds its classes."""
+    shape = tuple(net.sample_shape)  # type: ignore[attr-defined]
+    if shape != tuple(config.sample_shape):
+        raise FewstepError(f"{where}: sample_shape = {list(config.sample_shape)} but the network "
+                           f"(backbone_config) makes samples of shape {list(shape)}: restore or recreate the folder")
+    embeds = net.num_class_embeds  # type: ignore[attr-defined]
+    k, null = config.num_classes, config.null_class
+    if k and embeds < k + (null is not None):
+        raise FewstepError(f"{where}: num_classes = {k}" + (f" with null_class {null}" if null is not None else "") +
+                           f" but the network embeds {embeds} class labels (num_class_embeds)")
+    if null is not None and null >= embeds:
+        raise FewstepError(f"{where}: null_class = {null} is outside the network's {embeds} class embeddings")
+    if embeds and not k and isinstance(net, UNetBackbone):
+        raise FewstepError(f"{where}: num_classes = 0 but the network is class-conditional ({embeds} class "
+                           "embeddings): give the number of classes")
+
+
+def check_finite_weights(state: dict[str, torch.Tensor], where: str, doing: str) -> None:
+    """Refuse weights holding NaN or inf: ``doing`` says what is refused (a file read, a folder written)."""
+    bad, first = non_finite(state)
+    if bad:
+        raise FewstepError(f"{where} holds {bad} NaN or infinite values (first in {first}): {doing}")
 
 
 def vp_schedule_dict(process: VPProcess) -> dict[str, Any]:
@@ -166,7 +349,10 @@ def model_card(config: ModelConfig, extra: str = "") -> str:
 def save_model(path: Path, config: ModelConfig, net: nn.Module, card_extra: str = "") -> None:
     """Write a model folder atomically file by file (weights first, config last)."""
     path = Path(path)
-    save_tensors(path / "model.safetensors", net.state_dict(), metadata={"format": FORMAT})
+    state = net.state_dict()
+    check_finite_weights(state, "the network to save", f"training diverged (a lower learning rate may help); nothing "
+                         f"written to {path}")
+    save_tensors(path / "model.safetensors", state, metadata={"format": FORMAT})
     write_text(path / "README.md", model_card(config, card_extra))
     write_json(path / "config.json", config.to_json())
 
@@ -229,18 +415,59 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     if not path.is_dir():
         raise FewstepError(f"{path} is not a folder: --model takes a fewstep or diffusers model folder")
     path = model_folder(path)
-    if (path / "config.json").is_file() and read_json(path / "config.json").get("format") == FORMAT:
-        config = ModelConfig.from_json(read_json(path / "config.json"), str(path / "config.json"))
+    if (path / "config.json").is_file() and "format" in (raw := read_json(path / "config.json")):
+        where = str(path / "config.json")
+        config = ModelConfig.from_json(raw, where)
         try:
             den = build_denoiser(config)
         except FewstepError:
             raise
         except Exception as e:  # noqa: BLE001 - an edited/corrupt config makes diffusers or torch raise anything
-            raise FewstepError(f"{path / 'config.json'} describes a network that cannot be built "
+            raise FewstepError(f"{where} describes a network that cannot be built "
                                f"({str(e).splitlines()[0][:120]}): restore or recreate the model folder") from None
-        _load_state(den.net, load_tensors(path / "model.safetensors"), path)
+        check_fits(config, den.net, where)
+        state = load_tensors(path / "model.safetensors")
+        check_finite_weights(state, str(path / "model.safetensors"), "the training diverged or the file is damaged: "
+                             "retrain or restore the model")
+        _load_state(den.net, state, path)
         return LoadedModel(den.to(device).eval(), config, "fewstep", path)
     return _load_diffusers(path, device)
+
+
+class SidecarSchema(Strict):
+    """``fewstep.json`` beside an exported diffusers folder: what diffusers' configs cannot say."""
+
+    num_classes: NonNegInt = Field(0, description="a whole number >= 0")
+    null_class: NonNegInt | None = Field(None, description="a whole number >= 0 or null")
+    data: str | None = Field(None, description="a data set's name or data key, or null")
+    role: str = "teacher"
+
+    @model_validator(mode="after")
+    def _classes(self) -> SidecarSchema:
+        if self.null_class is not None and not self.num_classes:
+            raise FieldProblem("null_class", self.null_class, "an unconditional model (num_classes 0) has no null "
+                               "class: give null")
+        if self.null_class is not None and self.null_class < self.num_classes:
+            raise FieldProblem("null_class", self.null_class, f"the null class is not one of the classes 0.."
+                               f"{self.num_classes - 1} (num_classes = {self.num_classes}): give {self.num_classes} or "
+                               "more, or null")
+        return self
+
+
+def _check_index(index: dict[str, Any], where: str) -> None:
+    """A pipeline's ``model_index.json``: fewstep reads its unet (a diffusers UNet2DModel) and its scheduler's config;
+    no class it names is looked up.  A pipeline with other parts (a VAE, a text encoder) works in another space than
+    the samples fewstep writes, so it is refused."""
+    if "unet" not in index:
+        raise FewstepError(f"{where}: the pipeline has no `unet` (only UNet2DModel pipelines are supported)")
+    if index["unet"] != ["diffusers", "UNet2DModel"]:
+        raise FewstepError(f"{where}: unet = {describe_value(index['unet'])}: fewstep reads a diffusers UNet2DModel "
+                           "only ([\"diffusers\", \"UNet2DModel\"])")
+    extra = [k for k, v in index.items() if not k.startswith("_") and k not in ("unet", "scheduler")
+             and v not in (None, [None, None])]
+    if extra:
+        raise FewstepError(f"{where}: the pipeline also has {', '.join(extra)}: fewstep samples pixel-space pipelines "
+                           "of a unet and a scheduler only")
 
 
 def _load_diffusers(path: Path, device) -> LoadedModel:
@@ -249,32 +476,44 @@ def _load_diffusers(path: Path, device) -> LoadedModel:
     if (path / "unet").is_dir():
         unet_dir, sched_dir, source = path / "unet", path / "scheduler", "diffusers-pipeline"
         if (path / "model_index.json").is_file():
-            index = read_json(path / "model_index.json", "model_index")
-            if "unet" not in index:
-                raise FewstepError(f"{path}: the pipeline has no `unet` (only UNet2DModel pipelines are supported)")
+            _check_index(read_json(path / "model_index.json", "model_index"), str(path / "model_index.json"))
     elif (path / "config.json").is_file():
         unet_dir, sched_dir, source = path, path.parent / "scheduler", "diffusers-unet"
     else:
         raise FewstepError(f"{path} is not a model folder: no config.json, model_index.json or unet/ inside")
     ucfg = read_json(unet_dir / "config.json", "UNet config")
-    if ucfg.get("_class_name") != "UNet2DModel":
-        raise FewstepError(f"{unet_dir} holds a {ucfg.get('_class_name')}, fewstep reads UNet2DModel folders only")
+    uwhere = str(unet_dir / "config.json")
+    if "_class_name" not in ucfg:
+        raise FewstepError(f"{uwhere} is neither a fewstep model config (no `format`) nor a diffusers UNet2DModel "
+                           "config (no `_class_name`)")
+    if ucfg["_class_name"] != "UNet2DModel":
+        raise FewstepError(f"{uwhere}: _class_name = {describe_value(ucfg['_class_name'])}: fewstep reads UNet2DModel "
+                           "folders only (no other class is looked up)")
+    check(UNet2DFolderConfig, ucfg, uwhere)
+    if ucfg.get("sample_size") is None:
+        raise FewstepError(f"{uwhere}: `sample_size` is missing: give a whole number >= 1 or [height, width]")
     if not (unet_dir / DIFFUSERS_WEIGHTS).is_file():
         raise FewstepError(f"{unet_dir} has no {DIFFUSERS_WEIGHTS}: fewstep loads safetensors weights only "
                            "(convert .bin with diffusers' save_pretrained(safe_serialization=True))")
     if (sched_dir / "scheduler_config.json").is_file():
-        process = VPProcess.from_diffusers(read_json(sched_dir / "scheduler_config.json", "scheduler config"))
+        swhere = str(sched_dir / "scheduler_config.json")
+        process = VPProcess.from_diffusers(read_json(sched_dir / "scheduler_config.json", "scheduler config"), swhere)
         note = ""
     else:  # a bare UNet: assume diffusers' DDPMScheduler defaults, and say so in `info`
         process, note = VPProcess.from_diffusers({"_class_name": "DDPMScheduler"}), "no scheduler config"
+    side_file = path / "fewstep.json"
+    side = read_json(side_file, "fewstep sidecar") if side_file.is_file() else {}
+    check(SidecarSchema, side, str(side_file))
+    weights = unet_dir / DIFFUSERS_WEIGHTS
+    # fail with our one-line message when it is corrupt or holds NaN
+    check_finite_weights(load_tensors(weights), str(weights), "the training diverged or the file is damaged: "
+                         "retrain or restore the model")
     try:
-        load_tensors(unet_dir / DIFFUSERS_WEIGHTS)  # fail with our one-line message when it is corrupt
         unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=True, local_files_only=True)
     except FewstepError:
         raise
     except Exception as e:  # noqa: BLE001 - diffusers raises many kinds; the user needs one line
         raise FewstepError(f"could not load the UNet in {unet_dir} ({str(e).splitlines()[0][:100]})") from None
-    side = read_json(path / "fewstep.json", "fewstep sidecar") if (path / "fewstep.json").is_file() else {}
     n_embeds = unet.config.num_class_embeds or 0
     num_classes = int(side.get("num_classes", n_embeds))
     null_class = side.get("null_class")
@@ -286,6 +525,7 @@ def _load_diffusers(path: Path, device) -> LoadedModel:
         data=side.get("data"), role=side.get("role", "teacher"), sampling=SamplingDefaults(sampler="ddim", steps=50),
         training={"source": source, **({"note": note} if note else {})},
     )
+    check_fits(config, UNetBackbone(unet), str(side_file) if side else uwhere)
     den = Denoiser(UNetBackbone(unet), process.schedule(), process.prediction, num_classes, null_class)
     return LoadedModel(den.to(device).eval(), config, source, path)
 
@@ -313,6 +553,7 @@ def export_diffusers(model: LoadedModel, out: Path) -> str:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FewstepError(f"{out} exists and is not an empty folder: choose a new output folder")
     unet: UNet2DModel = model.denoiser.net.unet  # type: ignore[union-attr]
+    check_finite_weights(unet.state_dict(), "the model to export", f"nothing written to {out}")
     scheduler = DDPMScheduler.from_config(process.to_diffusers())
     if cfg.num_classes:
         unet.save_pretrained(str(out / "unet"), safe_serialization=True)

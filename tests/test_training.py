@@ -101,8 +101,11 @@ def test_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(tmp_path)
     with pytest.raises(FewstepError, match="--resume"):
         _tiny(tmp_path / "run", 5)
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a run")
     with pytest.raises(FewstepError, match="no checkpoint"):
-        _tiny(tmp_path / "fresh", 5, resume=True)
+        _tiny(tmp_path / "mine", 5, resume=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "not a run"
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):

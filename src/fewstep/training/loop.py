@@ -11,6 +11,13 @@ clipped, the learning rate is set from the *global* step (warm-up then cosine) a
 the EMA update and the method's ``after_step``.  Every ``ckpt_every`` steps an atomic checkpoint (weights of
 the trained and state modules, EMA, optimizers, every process's RNG state, the grad scaler, step) and the
 exported model folder.
+
+Crashes and resume: a checkpoint is complete once ``checkpoints/latest`` names it (written last, atomically).  A
+resumed run first validates everything it will read (the pointer, ``state.json`` against :class:`CheckpointState`,
+the weights, the optimizer and RNG state, ``metrics.jsonl``) and only then touches the folder: it removes what a
+killed process left (temporary files, step folders newer than the pointer, a partial last line of the metrics log).
+A run killed before its first complete checkpoint starts again from step 0 with ``resume``.  A full disk is one
+line naming the folder; the last complete checkpoint stays as it was.
 """
 
 from __future__ import annotations
@@ -20,18 +27,34 @@ import dataclasses
 import functools
 import json
 import math
+import re
 import shutil
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
+from safetensors import SafetensorError
 from torch import nn
 
 from fewstep.errors import FewstepError
-from fewstep.io import load_tensors, load_torch_state, read_json, save_tensors, save_torch_state, write_json, write_text
+from fewstep.io import (
+    is_orphan,
+    load_tensors,
+    load_torch_state,
+    read_json,
+    remove_orphans,
+    save_tensors,
+    save_torch_state,
+    write_failure,
+    write_json,
+    write_text,
+)
+from fewstep.schema import Finite, NonNegInt, PosInt, Strict, check
 from fewstep.training.ema import EMA
 from fewstep.training.method import Batch, Method, Networks, StepContext, loss_value
 from fewstep.training.processes import expected_processes, use_cpu
@@ -126,27 +149,166 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+STEP_FOLDER = re.compile(r"step_\d{8}")
+DAMAGED = "restore it from a copy, or start the run again in a new --out"
+
+
 class _Checkpoints:
-    """``out/checkpoints/step_N/`` folders and a ``latest`` pointer written last (atomically)."""
+    """``out/checkpoints/step_N/`` folders and a ``latest`` pointer written last (atomically): a checkpoint is
+    complete once ``latest`` names it."""
 
     def __init__(self, out: Path, keep: int = 2):
         self.root, self.keep = out / "checkpoints", keep
 
     def latest(self) -> Path | None:
+        """The last complete checkpoint, None when there is none yet; a damaged pointer is one line."""
         ptr = self.root / "latest"
-        if not ptr.is_file():
+        if not ptr.exists() and not ptr.is_symlink():
             return None
-        path = self.root / ptr.read_text().strip()
+        try:
+            name = ptr.read_bytes().decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise FewstepError(f"checkpoint pointer {ptr} cannot be read ({e.__class__.__name__}): write the name of "
+                               "a complete step_NNNNNNNN folder into it, or start the run again in a new --out"
+                               ) from None
+        if not STEP_FOLDER.fullmatch(name):
+            raise FewstepError(f"checkpoint pointer {ptr} holds {name[:40]!r}, not a step_NNNNNNNN folder name: "
+                               "write the name of a complete checkpoint folder into it, or start the run again in a "
+                               "new --out")
+        path = self.root / name
         if not path.is_dir():
-            raise FewstepError(f"checkpoint {path} named by {ptr} is missing: the run cannot resume")
+            raise FewstepError(f"checkpoint {path} named by {ptr} is missing: the run cannot resume ({DAMAGED})")
         return path
 
     def commit(self, step: int) -> Path:
         path = self.root / f"step_{step:08d}"
         write_text(self.root / "latest", path.name)
-        for old in sorted(self.root.glob("step_*"))[: -self.keep]:
+        older = [p for p in sorted(self.root.glob("step_*")) if p.name < path.name]
+        for old in older[: max(0, len(older) - (self.keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
         return path
+
+    def uncommitted(self, latest: Path | None) -> list[Path]:
+        """Step folders a killed run wrote after its last complete checkpoint (never named by ``latest``)."""
+        if not self.root.is_dir():
+            return []
+        return [p for p in sorted(self.root.glob("step_*"))
+                if p.is_dir() and (latest is None or p.name > latest.name)]
+
+
+# --- the checkpoint's state.json, as a typed record ------------------------------------------------------------
+class LoopState(Strict):
+    """:class:`TrainConfig` as a checkpoint records it (fields added later have defaults: older runs resume)."""
+
+    steps: PosInt
+    batch: PosInt
+    lr: Finite = Field(gt=0)
+    warmup: NonNegInt
+    weight_decay: Finite = Field(ge=0)
+    grad_clip: Finite = Field(ge=0)
+    ema_decay: Finite = Field(ge=0, le=1)
+    grad_accum: PosInt = 1
+    ckpt_every: PosInt
+    log_every: PosInt = 25
+    seed: int
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    progress: bool = True
+    hflip: bool = False
+    log_with: str | None = None
+
+
+class CheckpointState(Strict):
+    """``checkpoints/step_N/state.json``: where the run was, and the loop settings it resumes with."""
+
+    step: NonNegInt
+    elapsed: Finite = Field(ge=0)
+    ema_updates: NonNegInt
+    method: str
+    processes: PosInt = 1
+    config: LoopState
+
+
+def read_state(ckpt: Path) -> CheckpointState:
+    """The validated ``state.json`` of checkpoint folder ``ckpt`` (one line naming the field on any damage)."""
+    where = ckpt / "state.json"
+    raw = read_json(where, "checkpoint state")
+    try:
+        state = check(CheckpointState, raw, f"checkpoint state {where}")
+    except FewstepError as e:
+        raise FewstepError(f"{e}; {DAMAGED}") from None
+    assert isinstance(state, CheckpointState)
+    if state.step > state.config.steps:
+        raise FewstepError(f"checkpoint state {where}: step = {state.step} is past config.steps = "
+                           f"{state.config.steps}; {DAMAGED}")
+    if ckpt.name != f"step_{state.step:08d}":
+        raise FewstepError(f"checkpoint state {where}: step = {state.step} but the folder is {ckpt.name}; {DAMAGED}")
+    return state
+
+
+def resume_point(out: Path) -> tuple[Path, CheckpointState] | None:
+    """The last complete checkpoint of the run in ``out`` and its validated state, None when there is none."""
+    start = _Checkpoints(Path(out)).latest()
+    return None if start is None else (start, read_state(start))
+
+
+def _restartable(out: Path) -> None:
+    """``out`` holds a run that stopped before its first complete checkpoint (what a kill, or a full disk, at the
+    start leaves: metrics.jsonl, half-written step folders, temporary files), or nothing; else one line."""
+    if not out.exists():  # killed before it made the folder: a scripted "--resume until done" must not dead-end
+        return
+    if not out.is_dir():
+        raise FewstepError(f"--resume: {out} is a file, not a training run's folder: choose the run's folder")
+    if (out / "config.json").exists() or (out / "model.safetensors").exists():
+        raise FewstepError(f"--resume: {out} holds a model but no checkpoint to resume from (checkpoints/latest): "
+                           "train into a new --out")
+    from fewstep.training.trackers import PROJECT
+
+    run_files = {"checkpoints", "metrics.jsonl", PROJECT, "wandb"}
+    other = sorted(p.name for p in out.iterdir() if p.name not in run_files and not is_orphan(p.name))
+    if other:
+        raise FewstepError(f"--resume: {out} has no checkpoint to resume from and holds {other[0]!r}, which no "
+                           "fewstep run writes: choose the run's folder, or train without --resume into a new --out")
+
+
+def _read_metrics(path: Path, step: int) -> list[str] | None:
+    """The lines of the metrics log a run resumed at ``step`` keeps (None: no log).  A partial last line (a kill
+    during an append) is dropped; a bad line inside the file is one line."""
+    if not path.exists():
+        return None
+    if not path.is_file():
+        raise FewstepError(f"metrics log {path} is not a file: move it away, then resume")
+    *lines, last = path.read_bytes().split(b"\n")
+    kept: list[str] = []
+    for i, raw in enumerate([*lines, last], 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+            ok = isinstance(rec, dict) and type(rec.get("step")) is int
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            ok = False
+        if not ok:
+            if i == len(lines) + 1:  # the unterminated last line: what a kill during an append leaves
+                continue
+            raise FewstepError(f"metrics log {path} is damaged at line {i} (not a JSON record with a step): delete "
+                               "that line (or the file: it is only a log), then resume")
+        if rec["step"] <= step:
+            kept.append(raw.decode("utf-8").strip())
+    return kept
+
+
+def _fit(module: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """Why ``state`` does not fit ``module`` (keys, shapes), or None."""
+    want = module.state_dict()
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or extra:
+        parts = [f"{len(missing)} tensors missing, e.g. {missing[0]}" if missing else "",
+                 f"{len(extra)} unexpected, e.g. {extra[0]}" if extra else ""]
+        return "; ".join(p for p in parts if p)
+    for k, v in want.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            return f"{k} has shape {tuple(state[k].shape)}, the network needs {tuple(v.shape)}"
+    return None
 
 
 def core(module: nn.Module) -> nn.Module:
@@ -161,13 +323,20 @@ def _prefixed(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
 
 
 def _load_prefixed(modules: dict[str, nn.Module], state: dict[str, torch.Tensor], where: Path) -> None:
+    stray = sorted(k for k in state if not any(k.startswith(name + ".") for name in modules))
+    if stray:
+        raise FewstepError(f"checkpoint {where} does not fit this run's networks ({len(stray)} tensors of no module "
+                           f"of it, e.g. {stray[0]}); {DAMAGED}")
     for name, m in modules.items():
         sub = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+        why = _fit(core(m), sub)
         try:
-            core(m).load_state_dict(sub, strict=True)
+            if why is None:
+                core(m).load_state_dict(sub, strict=True)
         except RuntimeError as e:
-            first = str(e).splitlines()[0][:100]
-            raise FewstepError(f"checkpoint {where} does not fit module {name!r} ({first})") from None
+            why = str(e).splitlines()[0][:100]
+        if why is not None:
+            raise FewstepError(f"checkpoint {where} does not fit module {name!r} ({why}); {DAMAGED}") from None
 
 
 def place(method: Method, device: torch.device | str) -> Networks:
@@ -248,19 +417,72 @@ def _rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
     return state
 
 
+def _check_rng(gen: torch.Generator, rng: dict[str, torch.Tensor], processes: int, where: Path) -> None:
+    """``rng`` (a checkpoint's rng.safetensors) holds a generator and a torch state of the right size for every
+    process, and nothing else."""
+    sizes = {"gen": gen.get_state().numel(), "torch": torch.get_rng_state().numel()}
+    if torch.cuda.is_available():
+        sizes["cuda"] = torch.cuda.get_rng_state().numel()
+    expected = {f"{k}{r}" for k in ("gen", "torch", "cuda") for r in range(processes)}
+    extra = sorted(set(rng) - expected)
+    missing = sorted({f"{k}{r}" for k in ("gen", "torch") for r in range(processes)} - set(rng))
+    if extra or missing:
+        what = f"no {missing[0]}" if missing else f"an unknown key {extra[0]!r}"
+        raise FewstepError(f"checkpoint RNG state {where} is damaged (it has {what}; it should hold gen, torch and "
+                           f"cuda states for {processes} process(es)): {DAMAGED}")
+    for key, t in rng.items():
+        kind = key.rstrip("0123456789")
+        if t.dtype != torch.uint8 or t.dim() != 1 or (kind in sizes and t.numel() != sizes[kind]):
+            raise FewstepError(f"checkpoint RNG state {where} is damaged ({key} is {str(t.dtype)[6:]} of shape "
+                               f"{tuple(t.shape)}, not uint8 of shape ({sizes.get(kind, '?')},)): {DAMAGED}")
+
+
 def _set_rng_state(gen: torch.Generator, rng: dict[str, torch.Tensor], rank: int, where: Path) -> None:
-    key = f"gen{rank}"
-    if key not in rng:
-        raise FewstepError(f"checkpoint RNG state {where} has no state for process {rank}: resume with the process "
-                           "count the run was started with")
     try:
-        gen.set_state(rng[key])
-        if f"torch{rank}" in rng:
-            torch.set_rng_state(rng[f"torch{rank}"])
+        gen.set_state(rng[f"gen{rank}"])
+        torch.set_rng_state(rng[f"torch{rank}"])
         if f"cuda{rank}" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng[f"cuda{rank}"])
-    except (RuntimeError, ValueError) as e:
-        raise FewstepError(f"checkpoint RNG state {where} is damaged ({str(e)[:80]}): restore it or restart") from None
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise FewstepError(f"checkpoint RNG state {where} is damaged ({str(e)[:80]}): {DAMAGED}") from None
+
+
+def _load_optimizers(opt_state: Any, phases: list[Any], optims: list[Any], scaler: Any, where: Path) -> None:
+    """Check the saved optimizer state against this run's optimizers (phases, parameter groups, tensor shapes),
+    then load it."""
+    def bad(why: str) -> FewstepError:
+        return FewstepError(f"optimizer state {where} does not fit this run ({why}): {DAMAGED}")
+
+    if not isinstance(opt_state, dict):
+        raise bad(f"it holds a {type(opt_state).__name__}, not a mapping of phases")
+    for ph, o in zip(phases, optims):
+        entry = opt_state.get(ph.name)
+        sd = entry.get("optim") if isinstance(entry, dict) else None
+        if not isinstance(sd, dict) or not isinstance(sd.get("param_groups"), list) \
+                or not isinstance(sd.get("state"), dict):
+            raise bad(f"no optimizer state for phase {ph.name!r}")
+        groups = o.optimizer.param_groups if hasattr(o, "optimizer") else o.param_groups
+        saved_groups = sd["param_groups"]
+        if len(saved_groups) != len(groups) or any(
+                not isinstance(sg, dict) or len(sg.get("params", ())) != len(g["params"])
+                for sg, g in zip(saved_groups, groups)):
+            raise bad(f"phase {ph.name!r}: {len(saved_groups)} parameter group(s) of other sizes than this run's "
+                      f"{len(groups)}")
+        params = {i: p for sg, g in zip(saved_groups, groups) for i, p in zip(sg["params"], g["params"])}
+        for i, st in sd["state"].items():
+            if i not in params or not isinstance(st, dict):
+                raise bad(f"phase {ph.name!r}: state for an unknown parameter {i!r}")
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(params[i].shape):
+                    raise bad(f"phase {ph.name!r}: {k} of parameter {i} has shape {tuple(v.shape)}, the parameter "
+                              f"{tuple(params[i].shape)}")
+    try:
+        for ph, o in zip(phases, optims):
+            o.load_state_dict(opt_state[ph.name]["optim"])
+        if scaler is not None and "_grad_scaler" in opt_state:
+            scaler.load_state_dict(opt_state["_grad_scaler"])
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
+        raise bad(str(e).splitlines()[0][:100] if str(e) else e.__class__.__name__) from None
 
 
 def check_config(cfg: TrainConfig, world: int) -> None:
@@ -282,17 +504,24 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
     folder into ``out``.  Works unchanged in every process of ``accelerate launch`` / ``torchrun``."""
     out = Path(out)
     ckpts = _Checkpoints(out)
-    saved: dict[str, Any] = {}
+    saved: CheckpointState | None = None
+    start: Path | None = None
+    restart = False  # resume asked, but the run stopped before its first complete checkpoint: start it again
     if resume:
         start = ckpts.latest()
         if start is None:
-            raise FewstepError(f"--resume: {out} has no checkpoint to resume from (train without --resume first)")
-        saved = read_json(start / "state.json", "checkpoint state")
-        # an older state.json has no log_with; where to also log is this command's choice when it makes one
-        cfg = TrainConfig(**{**saved["config"], "progress": cfg.progress,
-                             "log_with": cfg.log_with or saved["config"].get("log_with")})
-    elif (out / "checkpoints").exists() or (out / "config.json").exists():
+            _restartable(out)
+            resume, restart = False, True
+        else:
+            saved = read_state(start)
+            # where to also log is this command's choice when it makes one (an older state.json has no log_with)
+            cfg = TrainConfig(**{**saved.config.model_dump(), "progress": cfg.progress,
+                                 "log_with": cfg.log_with or saved.config.log_with})
+    elif (out / "config.json").exists():
         raise FewstepError(f"{out} already holds a model or training run: pass --resume or choose a new --out")
+    elif (out / "checkpoints").exists() or (out / "metrics.jsonl").exists():
+        raise FewstepError(f"{out} already holds a training run (stopped before or after a checkpoint): pass --resume "
+                           "to continue it (or start it again when no checkpoint was complete), or choose a new --out")
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FewstepError(f"{out} exists and is not an empty folder: choose a new --out (nothing was written)")
     if cfg.mixed_precision not in MIXED_PRECISION:
@@ -305,8 +534,8 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
         raise FewstepError(f"the launcher started {expected_processes()} processes but accelerate runs {world}: each "
                            "would train alone into the same folder; check the accelerate config (on CPUs set "
                            "ACCELERATE_USE_CPU=true)")
-    if resume and int(saved.get("processes", 1)) != world:
-        raise FewstepError(f"{out} was trained with {saved.get('processes', 1)} processes, this run has {world}: "
+    if saved is not None and saved.processes != world:
+        raise FewstepError(f"{out} was trained with {saved.processes} processes, this run has {world}: "
                            "resume with the same process count (each process's random state is in the checkpoint)")
     check_config(cfg, world)
 
@@ -346,17 +575,36 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
         step, elapsed = 0, 0.0
         checkpointed = nets.checkpointed()
         optims = [acc.prepare_optimizer(o, device_placement=False) for o in optims]  # grad scaling for fp16
-        if resume:
+        metrics_path = out / "metrics.jsonl"
+        kept_metrics: list[str] | None = None
+        if saved is not None and start is not None:  # every file is checked before the folder is touched
             _load_prefixed(checkpointed, load_tensors(start / "modules.safetensors", "checkpoint weights"), start)
-            ema.module.load_state_dict(load_tensors(start / "ema.safetensors", "checkpoint EMA weights"))
-            opt_state = load_torch_state(start / "optim.pt")
-            for ph, o in zip(phases, optims):
-                o.load_state_dict(opt_state[ph.name]["optim"])
-            if acc.scaler is not None and "_grad_scaler" in opt_state:
-                acc.scaler.load_state_dict(opt_state["_grad_scaler"])
-            _set_rng_state(gen, load_tensors(start / "rng.safetensors", "checkpoint RNG state"), rank,
-                           start / "rng.safetensors")
-            step, elapsed, ema.num_updates = saved["step"], saved["elapsed"], saved["ema_updates"]
+            ema_file = start / "ema.safetensors"
+            ema_state = load_tensors(ema_file, "checkpoint EMA weights")
+            why = _fit(ema.module, ema_state)
+            if why is not None:
+                raise FewstepError(f"checkpoint EMA weights {ema_file} does not fit the network ({why}); {DAMAGED}")
+            ema.module.load_state_dict(ema_state)
+            _load_optimizers(load_torch_state(start / "optim.pt"), phases, optims, acc.scaler, start / "optim.pt")
+            rng = load_tensors(start / "rng.safetensors", "checkpoint RNG state")
+            _check_rng(gen, rng, world, start / "rng.safetensors")
+            _set_rng_state(gen, rng, rank, start / "rng.safetensors")
+            step, elapsed, ema.num_updates = saved.step, saved.elapsed, saved.ema_updates
+            kept_metrics = _read_metrics(metrics_path, step)
+        committed = start  # the last complete checkpoint
+        if acc.is_main_process and (resume or restart):  # what a killed or failed run left behind
+            if restart:
+                if out.is_dir() and any(out.iterdir()):
+                    print(f"note: {out} has no complete checkpoint (the run stopped before its first one): "
+                          "restarting it from step 0", file=sys.stderr)
+                else:
+                    print(f"note: {out} holds no run yet: starting it from step 0", file=sys.stderr)
+                shutil.rmtree(ckpts.root, ignore_errors=True)
+                metrics_path.unlink(missing_ok=True)
+            for stale in ckpts.uncommitted(start):
+                shutil.rmtree(stale)
+            if out.is_dir():
+                remove_orphans(out)
         ema.module.to(device)
 
         x_all, y_all = data
@@ -365,39 +613,50 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
         # a data set read lazily (fewstep.data.datasets.LazyImages) is decoded ahead in DataLoader workers
         lazy = iter(x_all.loader(_StepBatches(step, cfg, n, rank, local))) if hasattr(x_all, "loader") else None
         out.mkdir(parents=True, exist_ok=True)
-        metrics_path = out / "metrics.jsonl"
-        if resume and metrics_path.is_file() and acc.is_main_process:  # drop what was logged after the checkpoint
-            kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-            write_text(metrics_path, "".join(ln + "\n" for ln in kept))
+        if kept_metrics is not None and acc.is_main_process:  # drop what was logged after the checkpoint
+            with _disk(out, lambda: committed):
+                write_text(metrics_path, "".join(ln + "\n" for ln in kept_metrics))
+        acc.wait_for_everyone()  # the main process has cleaned the folder before anyone writes to it
         if cfg.log_with is not None:  # the same records as metrics.jsonl (main process only, as accelerate does)
             acc.init_trackers(PROJECT, {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None},
-                              tracker_kwargs(cfg.log_with, out, step if resume else None))
+                              tracker_kwargs(cfg.log_with, out, step if resume else (-1 if restart else None)))
         history: list[dict[str, Any]] = []
         running: dict[str, list[float]] = {}
 
+        def write_checkpoint(path: Path, step: int, states: list[dict[str, torch.Tensor]]) -> None:
+            save_tensors(path / "modules.safetensors", _prefixed(checkpointed))
+            save_tensors(path / "ema.safetensors", ema.module.state_dict())
+            state: dict[str, Any] = {ph.name: {"optim": o.state_dict()} for ph, o in zip(phases, optims)}
+            if acc.scaler is not None:
+                state["_grad_scaler"] = acc.scaler.state_dict()
+            save_torch_state(path / "optim.pt", state)
+            save_tensors(path / "rng.safetensors", {f"{k}{r}": v for r, s in enumerate(states) for k, v in s.items()})
+            write_json(path / "state.json", {"step": step, "elapsed": elapsed + time.perf_counter() - t0,
+                                             "ema_updates": ema.num_updates, "method": method.name,
+                                             "processes": world, "config": dataclasses.asdict(cfg)})
+
         def save(step: int) -> None:
+            nonlocal committed
             from accelerate.utils import gather_object
 
             states = gather_object([_rng_state(gen)])  # every process's RNG state (a collective: all ranks call save)
             if acc.is_main_process:
                 path = ckpts.root / f"step_{step:08d}"
-                save_tensors(path / "modules.safetensors", _prefixed(checkpointed))
-                save_tensors(path / "ema.safetensors", ema.module.state_dict())
-                state: dict[str, Any] = {ph.name: {"optim": o.state_dict()} for ph, o in zip(phases, optims)}
-                if acc.scaler is not None:
-                    state["_grad_scaler"] = acc.scaler.state_dict()
-                save_torch_state(path / "optim.pt", state)
-                save_tensors(path / "rng.safetensors",
-                             {f"{k}{r}": v for r, s in enumerate(states) for k, v in s.items()})
-                write_json(path / "state.json", {"step": step, "elapsed": elapsed + time.perf_counter() - t0,
-                                                 "ema_updates": ema.num_updates, "method": method.name,
-                                                 "processes": world, "config": dataclasses.asdict(cfg)})
-                ckpts.commit(step)
-                method.save_model(out, ema.module, {"method": method.name, "steps": step,
-                                                    "wall_seconds": round(elapsed + time.perf_counter() - t0, 1),
-                                                    "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
-                                                    "ema_decay": cfg.ema_decay, "device": str(device),
-                                                    "processes": world, "mixed_precision": cfg.mixed_precision})
+                if committed is None or committed.name != path.name:  # (a finished run resumed has it already)
+                    try:
+                        with _disk(out, lambda: committed):
+                            write_checkpoint(path, step, states)
+                            committed = ckpts.commit(step)
+                    except FewstepError:
+                        if committed is None or committed.name != path.name:
+                            shutil.rmtree(path, ignore_errors=True)  # half a checkpoint: room for the next try
+                        raise
+                with _disk(out, lambda: committed):
+                    method.save_model(out, ema.module, {"method": method.name, "steps": step,
+                                                        "wall_seconds": round(elapsed + time.perf_counter() - t0, 1),
+                                                        "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
+                                                        "ema_decay": cfg.ema_decay, "device": str(device),
+                                                        "processes": world, "mixed_precision": cfg.mixed_precision})
             acc.wait_for_everyone()
 
         def log_record(step: int, now: float) -> dict[str, Any]:
@@ -466,8 +725,7 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
                     if world > 1:  # every process stops together on a non-finite loss
                         total = float(acc.reduce(torch.tensor(total, device=device), "mean"))
                     if not math.isfinite(total):
-                        raise FewstepError(f"{ph.name} loss is {total} at step {step}: the last checkpoint in {out} "
-                                           "is kept; lower --lr or check the data")
+                        raise FewstepError(_diverged(ph.name, total, step, cfg, ph, committed))
                     clip = cfg.grad_clip if ph.grad_clip is None else ph.grad_clip
                     if clip:
                         if acc.scaler is not None:  # fp16: clip the true gradients
@@ -491,7 +749,7 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
                     running = {}
                     history.append(rec)
                     if acc.is_main_process:
-                        with open(metrics_path, "a", encoding="utf-8") as f:
+                        with _disk(out, lambda: committed), open(metrics_path, "a", encoding="utf-8") as f:
                             f.write(json.dumps(rec) + "\n")
                         acc.log({k: v for k, v in rec.items() if k != "step"}, step=step)
                     t_log, step_log = now, step
@@ -512,6 +770,37 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
             r.restore()
     final = {k[5:]: v for k, v in (history[-1] if history else {}).items() if k.startswith("loss/")}
     return TrainResult(out, step, elapsed + time.perf_counter() - t0, final, history)
+
+
+def _kept(committed: Path | None) -> str:
+    if committed is None:
+        return "no checkpoint was complete yet (--resume starts the run again)"
+    return f"the last complete checkpoint, {committed}, is kept"
+
+
+@contextlib.contextmanager
+def _disk(out: Path, committed: Callable[[], Path | None]) -> Iterator[None]:
+    """A write that fails for want of disk (full, read-only...) is one line naming the folder and what is kept."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:
+        what = write_failure(e)
+        if what is None:
+            raise
+        raise FewstepError(f"cannot write to {out}: {what}; {_kept(committed())}: free space, then run the same "
+                           "command with --resume") from None
+
+
+def _diverged(name: str, total: float, step: int, cfg: TrainConfig, ph: Any, committed: Path | None) -> str:
+    """The NaN guard's line: what is kept (really), that a resume repeats it, and what to change."""
+    clip = cfg.grad_clip if ph.grad_clip is None else ph.grad_clip
+    fixes = [f"a lower --lr (it is {cfg.lr * ph.lr_scale:g})",
+             "gradient clipping (grad_clip, now off)" if not clip else f"a tighter grad_clip (now {clip:g})"]
+    if cfg.mixed_precision != "no":
+        fixes.append("--mixed-precision no")
+    return (f"{name} loss is {total} at step {step}: {_kept(committed)}; the run is exact, so resuming with the same "
+            f"settings repeats this at step {step}: start again in a new --out with {', '.join(fixes)}, "
+            "or check the data for non-finite values")
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import torch
 
 from fewstep.errors import FewstepError
-from fewstep.io import file_sha256, read_json, read_yaml, write_json
+from fewstep.io import file_sha256, is_orphan, read_json, read_yaml, remove_orphans, write_json
 from fewstep.models.folder import FINAL_STAGE, LoadedModel, model_folder, weights_file
 from fewstep.training.method import Method
 from fewstep.training.processes import barrier, expected_processes, is_main
@@ -412,18 +412,18 @@ class RunContext:
               data: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Path:
         """Train ``method`` for ``iters`` (default: the run's iters) steps on ``data`` (default: the dataset) into
         ``out/name``; skip it when a resumed run already finished it.  Returns the stage folder (a model folder)."""
-        from fewstep.training.loop import train
+        from fewstep.training.loop import resume_point, train
 
         run = self.train_fn or train
         self.begin()
         folder = self.out / name
         cfg = dataclasses.replace(self.train_config, steps=iters or self.iters)
-        latest = folder / "checkpoints" / "latest"
-        if self.resume and latest.is_file():
-            state = read_json(folder / "checkpoints" / latest.read_text().strip() / "state.json", "checkpoint state")
+        point = resume_point(folder) if self.resume else None  # a damaged pointer or state.json: one line
+        if point is not None:
+            state = point[1]
             saved = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
             # unfinished, or finished but killed between the checkpoint and the model folder: the loop completes it
-            if state["step"] < state["config"]["steps"] or saved.get("training", {}).get("steps") != state["step"]:
+            if state.step < state.config.steps or saved.get("training", {}).get("steps") != state.step:
                 run(method, data or self.data, cfg, folder, resume=True)
         else:
             if self.resume and folder.exists():  # started but never checkpointed: nothing worth keeping
@@ -435,9 +435,9 @@ class RunContext:
         self.stages.append({"stage": name, "method": method.name,
                             "wall_seconds": config.get("training", {}).get("wall_seconds")})
         # every stage folder is a model: record what the run cost up to and including it
-        config["training"] = {**config.get("training", {}), f"{self.kind}_wall_seconds": self.total_seconds()}
-        if is_main():
-            write_json(folder / "config.json", config)
+        total = {f"{self.kind}_wall_seconds": self.total_seconds()}
+        if is_main() and any(config.get("training", {}).get(k) != v for k, v in total.items()):
+            write_json(folder / "config.json", {**config, "training": {**config.get("training", {}), **total}})
         barrier()
         return folder
 
@@ -521,9 +521,11 @@ def run_recipe(recipe: Recipe, ctx: RunContext) -> RunResult:
         if diff:
             raise FewstepError(f"{ctx.out} was {'distilled' if recipe.kind == 'distill' else 'trained'} with other "
                                f"settings ({', '.join(diff)}): resume with the same command, or choose a new --out")
-    elif ctx.resume and ctx.out.is_dir() and any(ctx.out.iterdir()):
+    elif ctx.resume and ctx.out.is_dir() and any(not is_orphan(p.name) for p in ctx.out.iterdir()):
         raise FewstepError(f"{ctx.out} has no {ctx.record_file.name} (not a fewstep {recipe.kind} run): choose a new "
                            "--out")
+    if ctx.resume and is_main():  # what a killed run's writers left (io._atomic's temporary files)
+        remove_orphans(ctx.out)
     ctx.record = record  # written by the first stage, so options a method rejects leave nothing behind
     barrier()  # and every process has read what the checks above read before the first write
     final = recipe.run(ctx)

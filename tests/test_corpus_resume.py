@@ -456,3 +456,10 @@ def test_train_resume_where_no_folder_exists_starts_it(fx, tmp_path):
     res = _ok([*TRAIN, "--out", str(tmp_path / "new"), "--resume"])
     assert "holds no run yet" in res.stderr
     _same_model(fx.run, tmp_path / "new")
+
+
+def test_distill_resume_where_no_folder_exists_starts_it(fx, tmp_path):
+    res = _ok(distill_argv(fx, tmp_path / "new"))
+    assert "holds no run yet" in res.stderr
+    assert (tmp_path / "new" / "student" / "model.safetensors").read_bytes() == \
+        (fx.distilled / "student" / "model.safetensors").read_bytes()

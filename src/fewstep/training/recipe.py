@@ -549,8 +549,12 @@ def run_recipe(recipe: Recipe, ctx: RunContext) -> RunResult:
 def check_out(out: Path, resume: bool) -> None:
     """``out`` is a new (or empty) folder, or with ``resume`` an existing run."""
     out = Path(out)
-    if resume and not out.is_dir():
-        raise FewstepError(f"--resume: {out} does not exist (run without --resume first)")
+    if resume and out.exists() and not out.is_dir():
+        raise FewstepError(f"--resume: {out} is a file, not a run's folder: choose the run's folder")
+    if resume and not out.exists() and is_main():  # killed before it made the folder: no dead end for a retry loop
+        import sys
+
+        print(f"note: {out} holds no run yet: starting it", file=sys.stderr)
     if not resume and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FewstepError(f"{out} exists and is not empty: choose a new --out or pass --resume")
 

@@ -128,6 +128,11 @@ for flag, v in [("--sampler", "plms"), ("--spacing", "random"), ("--timesteps", 
                 ("--timesteps", "nan,10"), ("--timesteps", "999,999"), ("--timesteps", ","),
                 ("--threads", "0"), ("--threads", "-1")]:
     case(f"sample {flag} {v}", lambda t, f, fl=flag, v=v: _sample(t, f, fl, v), flag.lstrip("-").rstrip("s"))
+case("sample --guidance on a student distilled without guidance",
+     lambda t, f: ["sample", "--model", str(f.distilled / "student"), "--guidance", "2", "--out", str(t / "x.npy")],
+     "baked in")
+case("sample --spacing grid on a model with no training grid", lambda t, f: _sample(t, f, "--spacing", "grid"),
+     "no training grid")
 case("sample --out .txt", lambda t, f: ["sample", "--model", str(f.model), "--out", str(t / "x.txt")], ".npy")
 case("sample --out is a folder", lambda t, f: ["sample", "--model", str(f.model), "--out",
                                                str((t / "d.npy").mkdir() or t / "d.npy")], "folder")
@@ -220,6 +225,9 @@ OWN_BAD = {
     "ct": {"steps": ["0", "-1"], "loss": ["l3"], "preset": ["huge"]},
     "reflow": {"pairs": ["0", "-1", "1e12"], "teacher_steps": ["0", "5000"], "steps": ["0"], "loss": ["x"],
                "guidance": ["nan"]},
+    "dmd2": {"steps": ["0", "-1", "17", "1.5"], "fake_updates": ["0", "-1", "abc"], "gan": ["maybe", "2"],
+             "gan_g": ["nan", "-1", "inf"], "gan_d": ["-0.5", "nan"], "guidance": ["nan", "-1"],
+             "reparam_iters": ["0"]},
 }
 for method, opts in OWN_BAD.items():
     for key, values in opts.items():
@@ -230,7 +238,12 @@ for flag, v in [("--teacher-steps", "0"), ("--teacher-steps", "1000000000"), ("-
                 ("--ema-target", "-1"), ("--ema-target", "nan"), ("--guidance", "nan"), ("--guidance", "inf"),
                 ("--guidance-range", "nan,2"), ("--loss", "l1")]:
     case(f"distill consistency {flag} {v}", lambda t, f, fl=flag, v=v: _distill(t, f, "consistency", fl, v), None)
-for method in ("progressive", "guided", "consistency", "ct", "reflow"):
+case("distill dmd2 --guidance on an unconditional teacher",
+     lambda t, f: ["distill", "--teacher", str(f.uncond), "--method", "dmd2", "--guidance", "2", "--iters", "2",
+                   "--out", str(t / "d")], "null class")
+case("distill dmd2 --set teacher_steps (another method's option)",
+     lambda t, f: _distill(t, f, "dmd2", "--set", "teacher_steps=4"), "teacher_steps")
+for method in ("progressive", "guided", "consistency", "ct", "reflow", "dmd2"):
     case(f"distill {method} --set unknown", lambda t, f, m=method: _distill(t, f, m, "--set", "nope=1"), "nope")
     case(f"distill {method} --set no value", lambda t, f, m=method: _distill(t, f, m, "--set", "iters"), "iters")
     case(f"distill {method} --out is a file",

@@ -125,3 +125,38 @@ def test_batch_order_is_a_pure_function_of_seed_and_step():
     # one epoch covers every index exactly once
     epoch = torch.cat([batch_indices(s, 96, 32, 0) for s in range(3)])
     assert sorted(epoch.tolist()) == list(range(96))
+
+
+def test_edm_teacher_records_edms_own_18_step_grid():
+    """EDM's sampler: 18 Karras levels (rho 7) from 80 down to 0.002, not trailing integer steps ending at 0.007."""
+    from fewstep.diffusion.schedules import NoiseSchedule, karras_sigmas
+    from fewstep.training.teacher import teacher_config
+
+    kind, cfg = preset_backbone("mlp", (2,), 0)
+    config = teacher_config(TeacherSpec(objective="edm", backbone=kind, backbone_config=cfg, sample_shape=(2,)))
+    assert config.sampling.sampler == "heun" and len(config.sampling.timesteps) == 18
+    sched = NoiseSchedule.karras(1000, 0.002, 80.0)
+    got = sched.sigma(torch.tensor(config.sampling.timesteps))
+    assert torch.allclose(got, karras_sigmas(18, 0.002, 80.0), rtol=1e-4)
+    assert float(got[-1]) == pytest.approx(0.002, rel=1e-9)
+
+
+def test_loop_puts_trained_networks_in_train_mode_and_state_networks_in_eval_mode():
+    """One rule, whatever a method built its networks from (a copy of an eval-mode teacher, a fresh wrapper)."""
+    from torch import nn
+
+    from fewstep.training.loop import place
+    from fewstep.training.method import Networks
+
+    class M:
+        name = "m"
+
+        def __init__(self):
+            self.a, self.b, self.c = nn.Dropout(0.5).eval(), nn.Dropout(0.5).train(), nn.Dropout(0.5).train()
+
+        def networks(self):
+            return Networks(trained={"a": self.a}, state={"b": self.b}, frozen={"c": self.c})
+
+    m = M()
+    place(m, "cpu")
+    assert m.a.training and not m.b.training and not m.c.training

@@ -64,7 +64,7 @@ TIMESTEP_HELP = ("Explicit evaluation timesteps, comma-separated, in [0, T-1] (f
                  "lands on clean data (alpha_bar = 1, sigma = 0).")
 STEPS_HELP = "Number of sampling steps, spaced by --spacing (default: the model's recorded steps)."
 SPACING_HELP = ("trailing (default: starts at T-1, which matters at 1-2 steps), leading or linspace, as "
-                "diffusers' timestep_spacing.")
+                "diffusers' timestep_spacing; grid: on a consistency student's training grid (its default).")
 
 
 _WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fewstep.diffusion.schedules import spaced_timesteps
+from fewstep.diffusion.schedules import grid_timesteps, spaced_timesteps
 from fewstep.errors import FewstepError
 from fewstep.images import check_finite_samples
 from fewstep.models.denoiser import Cond
@@ -49,7 +49,14 @@ def resolve_timesteps(model: LoadedModel, steps: int | None = None, spacing: str
     if steps is None and d.timesteps is not None and spacing is None:
         return [float(t) for t in d.timesteps]
     # `steps is None`, not `steps or`: --steps 0 must fail, not silently mean the default
-    return [float(t) for t in spaced_timesteps(d.steps if steps is None else steps, T, spacing or d.spacing)]
+    n, spacing = d.steps if steps is None else steps, spacing or d.spacing
+    if spacing == "grid":  # a consistency student: on the grid it was trained on (LCM's scheduler)
+        grid = model.config.training.get("grid_steps")
+        if type(grid) is not int or grid < 1:
+            raise FewstepError("--spacing grid: this model records no training grid (consistency students do): use "
+                               "trailing, leading or linspace")
+        return grid_timesteps(n, T, grid)
+    return [float(t) for t in spaced_timesteps(n, T, spacing)]
 
 
 def class_labels(model: LoadedModel, n: int, class_id: int | None) -> torch.Tensor | None:
@@ -96,6 +103,11 @@ def generate(model: LoadedModel, sampler: str, timesteps: list[float], n: int, s
         if not lo - 1e-9 <= guidance <= hi + 1e-9:
             raise FewstepError(f"--guidance {guidance}: this student was distilled for guidance scales {lo}..{hi}")
     elif guidance != 1.0 and model.config.null_class is None:
+        baked = model.config.training.get("distilled_guidance")
+        if baked is not None and model.config.num_classes:
+            raise FewstepError(f"--guidance {guidance:g}: this student was distilled from the teacher at guidance "
+                               f"{baked:g} (baked in; its unconditional branch was never trained): drop --guidance, "
+                               "or distill again with --guidance W, or with guided distillation for any scale")
         raise FewstepError("--guidance needs a class-conditional model trained with a null class "
                            f"(this one has {model.config.num_classes} classes and none)")
     if eta != 0.0 and sampler != "ddim":

@@ -20,7 +20,8 @@ import torch
 from fewstep.errors import FewstepError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-SPACINGS = ("trailing", "leading", "linspace")
+SPACINGS = ("trailing", "leading", "linspace")  # diffusers' timestep_spacing
+MODEL_SPACINGS = (*SPACINGS, "grid")  # what a model folder may record: grid = its training grid (consistency)
 
 
 def _cosine_betas(num_steps: int, max_beta: float = 0.999) -> torch.Tensor:
@@ -98,6 +99,18 @@ def spaced_timesteps(n: int, num_train_timesteps: int = 1000, spacing: str = "tr
     else:
         raise FewstepError(f"unknown spacing {spacing!r}: use one of {', '.join(SPACINGS)}")
     return [int(t) for t in ts]
+
+
+def grid_timesteps(n: int, num_train_timesteps: int, grid: int) -> list[float]:
+    """``n`` timesteps on the grid t_k = (T-1) k / N a consistency model was trained on, as LCM's scheduler picks
+    them: every (N // n)-th grid point from t_N = T-1 down (4 of 50: 999, 759.24, 519.48, 279.72)."""
+    if n < 1:
+        raise FewstepError(f"--steps must be at least 1, got {n}")
+    if n > grid:
+        raise FewstepError(f"--steps {n} exceeds the {grid} points of the grid this model was trained on: give at "
+                           f"most {grid}, or --spacing trailing")
+    skip = grid // n
+    return [(num_train_timesteps - 1) * (grid - i * skip) / grid for i in range(n)]
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,14 @@ latent consistency models (Luo et al. 2023, "Latent Consistency Models"), for a 
   loss d(f_theta(x_n, t_n), f_theta-(x^_{n-1}, t_{n-1})), d = pseudo-Huber (c = 0.00054 sqrt(dim)) or L2, theta-
   an EMA of theta with decay ``--ema-target`` (paper: 0.95).  The loop keeps a separate evaluation EMA of theta;
   that is what the student folder exports.
-- Parameterization: the student predicts v.  An eps teacher is first re-parameterized to v (the progressive
-  module's round 0), because an eps network's x0 at the top of a 1000-step linear schedule (alpha ~ 0.006) is
-  ~150x amplified noise: exactly where a 1-step consistency model is evaluated.  The re-parameterized network is
-  both the ODE teacher and the student's initialization.
-- Sampling: multistep consistency sampling (``consistency`` sampler) at any number of steps; the student records
-  ``--steps`` as its default, with trailing timesteps (1 step: t = T-1; 2 steps: T-1, T/2 - 1; ...).
+- Parameterization: the student predicts v.  An eps teacher (or a guided one) is first re-parameterized to a v
+  network (the progressive module's round 0, guidance baked in), because an eps network's x0 at the top of a
+  1000-step linear schedule (alpha ~ 0.006) is ~150x amplified noise: exactly where a 1-step consistency model is
+  evaluated.  That copy is only the student's initialization: the ODE steps are the teacher's own guided
+  predictions (LCM), so the copy's fitting error never enters the targets.
+- Sampling: multistep consistency sampling (``consistency`` sampler) at any number of steps, on the training grid
+  as LCM's scheduler does (spacing ``grid``: k steps take every (N // k)-th grid point from t_N = T-1 down, so
+  4 steps of a 50-point grid are t = 999, 759.2, 519.5, 279.7); the student records ``--steps`` as its default.
 """
 
 from __future__ import annotations
@@ -44,8 +46,12 @@ class ConsistencyDistill(_Base):
     name = "consistency"
 
     def __init__(self, teacher: Denoiser, config: ModelConfig, steps: int, grid: int = 50, loss: str = "huber",
-                 mu: float = 0.95, guidance: float = 1.0, w_range: tuple[float, float] | None = None):
+                 mu: float = 0.95, guidance: float = 1.0, w_range: tuple[float, float] | None = None,
+                 init: Denoiser | None = None):
         super().__init__(teacher, config, guidance, w_range)
+        if init is not None:  # the student starts from this v network (the re-parameterized teacher), not the teacher
+            self.student = Denoiser(copy.deepcopy(init.net).requires_grad_(True), teacher.schedule, "v",
+                                    teacher.num_classes, None if self.w_range else teacher.null_class)
         self.student.boundary = "lcm"
         self.target = Denoiser(copy.deepcopy(self.student.net).requires_grad_(False), teacher.schedule, "v",
                                self.student.num_classes, self.student.null_class, "lcm")
@@ -85,7 +91,7 @@ class ConsistencyDistill(_Base):
     def save_model(self, out: Path, net: nn.Module, training: dict[str, Any]) -> None:
         cfg = self._config("student")
         cfg.boundary = "lcm"
-        cfg.sampling = SamplingDefaults(sampler="consistency", steps=self.steps, spacing="trailing",
+        cfg.sampling = SamplingDefaults(sampler="consistency", steps=self.steps, spacing="grid",
                                         guidance=cfg.sampling.guidance)
         cfg.training = {**cfg.training, "grid_steps": self.grid, "target_ema": self.mu,
                         "exported": "evaluation EMA of the student (not the target network)", **training}
@@ -138,11 +144,14 @@ def consistency_stages(ctx: RunContext) -> Path:
         raise FewstepError("--guidance needs a class-conditional teacher with a null class and no --guidance-range")
     if w_range and model.config.null_class is None:
         raise FewstepError("--guidance-range needs a class-conditional teacher with a null class")
+    init = None
     if model.config.prediction != "v" or w_range or (guidance != 1.0 and model.config.null_class is not None):
         stage = Reparameterize(model.denoiser, model.config, guidance, w_range)
-        model, guidance = load_model(ctx.stage(stage, "round_reparam", o.reparam_iters)), 1.0
+        init = load_model(ctx.stage(stage, "round_reparam", o.reparam_iters)).denoiser
+    # the ODE steps are the teacher's own (guided) predictions, as in LCM; the re-parameterized copy is only the
+    # student's initialization (a v network whose 1-step output is already close to the guided teacher's x0)
     method = ConsistencyDistill(model.denoiser, model.config, o.steps, o.teacher_steps, o.loss, o.ema_target,
-                                guidance, w_range)
+                                guidance, w_range, init)
     return ctx.stage(method, STUDENT)
 
 

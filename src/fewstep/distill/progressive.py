@@ -114,8 +114,10 @@ class _Base(StudentStage):
             cfg.guidance_range, cfg.null_class = list(self.w_range), None
             lo, hi = self.w_range
             cfg.sampling.guidance = cfg.sampling.guidance if lo <= cfg.sampling.guidance <= hi else (lo + hi) / 2
-        elif self.guidance != 1.0 and cfg.null_class is not None:
-            cfg.null_class = None  # trained on guided outputs: no unconditional mode left
+        elif cfg.null_class is not None:
+            # trained on the teacher's (guided or plain) conditional outputs only: the unconditional branch was
+            # never trained, so the student offers no guidance (sample refuses --guidance, saying why)
+            cfg.null_class = None
             cfg.training["distilled_guidance"] = self.guidance
             cfg.sampling.guidance = 1.0
         return cfg

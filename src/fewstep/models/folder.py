@@ -24,7 +24,7 @@ from torch import nn
 
 import fewstep
 from fewstep.diffusion.param import PARAMETERIZATIONS
-from fewstep.diffusion.schedules import SPACINGS, NoiseSchedule, check_timesteps
+from fewstep.diffusion.schedules import MODEL_SPACINGS, NoiseSchedule, check_timesteps
 from fewstep.errors import FewstepError
 from fewstep.io import load_tensors, read_json, save_tensors, write_json, write_text
 from fewstep.models.backbones import BACKBONES, UNet2DFolderConfig, UNetBackbone, build_backbone, check_backbone_config
@@ -125,7 +125,8 @@ NonNegFinite = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, de
 class SamplingSchema(Strict):
     sampler: str = Field("dpmpp-2m", description="a sampler's name")
     steps: PosInt = Field(25, description="a whole number >= 1")
-    spacing: Literal[SPACINGS] = Field("trailing", description=", ".join(SPACINGS))  # type: ignore[valid-type]
+    spacing: Literal[MODEL_SPACINGS] = Field("trailing",  # type: ignore[valid-type]
+                                             description=", ".join(MODEL_SPACINGS))
     timesteps: list[Finite] | None = Field(None, min_length=1, description="a non-empty list of numbers, or null")
     guidance: NonNegFinite = 1.0
     eta: NonNegFinite = 0.0

@@ -340,14 +340,20 @@ def _load_prefixed(modules: dict[str, nn.Module], state: dict[str, torch.Tensor]
 
 
 def place(method: Method, device: torch.device | str) -> Networks:
-    """Put every network ``method`` declares on ``device`` (denoisers with their schedule tables); frozen ones in
-    eval mode without gradients.  Returns the declaration."""
+    """Put every network ``method`` declares on ``device`` (denoisers with their schedule tables).  One rule for
+    modes, whatever a method built its networks from: trained networks in train mode (dropout on, as in any
+    training loop), state networks (EMA targets) in eval mode, frozen ones in eval mode without gradients.
+    Returns the declaration."""
     nets = method.networks()
     trained_params = {id(p) for m in nets.trained.values() for p in m.parameters()}
     for name, m in nets.frozen.items():
         if any(id(p) in trained_params for p in m.parameters()):
             raise ValueError(f"network {name!r} is declared frozen but shares parameters with a trained network")
         m.requires_grad_(False).eval()
+    for m in nets.state.values():
+        m.eval()
+    for m in nets.trained.values():
+        m.train()
     for m in nets.all().values():
         m.to(device)
     return nets

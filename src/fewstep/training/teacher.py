@@ -109,8 +109,11 @@ def teacher_config(spec: TeacherSpec) -> ModelConfig:
                                f"{prediction}); drop the flag")
         schedule = ({"type": "karras", "num_train_timesteps": 1000, "sigma_min": 0.002, "sigma_max": 80.0}
                     if spec.objective == "edm" else {"type": "flow", "num_train_timesteps": 1000})
-        sampling = SamplingDefaults(sampler="heun", steps=18) if spec.objective == "edm" else \
-            SamplingDefaults(sampler="euler", steps=32)
+        # EDM's own grid: 18 Karras levels from sigma_max to sigma_min (rho 7) are evenly spaced timesteps of this
+        # Karras table (t = 999 (17 - i) / 17, fractional), ending at 0.002; trailing integer steps would end at 0.007
+        sampling = SamplingDefaults(sampler="heun", steps=18, spacing="linspace",
+                                    timesteps=[999 * (17 - i) / 17 for i in range(18)]) \
+            if spec.objective == "edm" else SamplingDefaults(sampler="euler", steps=32)
     return ModelConfig(
         backbone=spec.backbone, backbone_config=spec.backbone_config or {}, prediction=prediction,
         schedule=schedule, sample_shape=list(spec.sample_shape), num_classes=spec.num_classes,

@@ -228,6 +228,7 @@ OWN_BAD = {
     "dmd2": {"steps": ["0", "-1", "17", "1.5"], "fake_updates": ["0", "-1", "abc"], "gan": ["maybe", "2"],
              "gan_g": ["nan", "-1", "inf"], "gan_d": ["-0.5", "nan"], "guidance": ["nan", "-1"],
              "reparam_iters": ["0"]},
+    "boot": {"grid_steps": ["0", "-1", "1000", "abc", "1e9"], "guidance": ["nan", "-1", "inf"]},
 }
 for method, opts in OWN_BAD.items():
     for key, values in opts.items():
@@ -243,7 +244,11 @@ case("distill dmd2 --guidance on an unconditional teacher",
                    "--out", str(t / "d")], "null class")
 case("distill dmd2 --set teacher_steps (another method's option)",
      lambda t, f: _distill(t, f, "dmd2", "--set", "teacher_steps=4"), "teacher_steps")
-for method in ("progressive", "guided", "consistency", "ct", "reflow", "dmd2"):
+case("distill boot --guidance on an unconditional teacher",
+     lambda t, f: ["distill", "--teacher", str(f.uncond), "--method", "boot", "--guidance", "2", "--iters", "2",
+                   "--out", str(t / "d")], "null class")
+case("distill boot --steps 2 (one-step method)", lambda t, f: _distill(t, f, "boot", "--steps", "2"), "steps")
+for method in ("progressive", "guided", "consistency", "ct", "reflow", "dmd2", "boot"):
     case(f"distill {method} --set unknown", lambda t, f, m=method: _distill(t, f, m, "--set", "nope=1"), "nope")
     case(f"distill {method} --set no value", lambda t, f, m=method: _distill(t, f, m, "--set", "iters"), "iters")
     case(f"distill {method} --out is a file",

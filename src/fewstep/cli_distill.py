@@ -80,10 +80,11 @@ def register(app: typer.Typer, friendly, out_console) -> None:
                                           "earlier stages sit beside it; `--model OUT` loads the student.")],
         teacher: Annotated[Path | None, typer.Option(help="Teacher model folder (fewstep or diffusers); not "
                                                      "used by ct.")] = None,
-        method: Annotated[str, typer.Option(help="The method (progressive, guided, consistency, ct, reflow, ...); "
-                                            "`--method NAME --help` lists its options.")] = "progressive",
+        method: Annotated[str, typer.Option(help="The method (progressive, guided, consistency, ct, reflow, dmd2, "
+                                            "boot, ...); `--method NAME --help` lists its options.")] = "progressive",
         data: Annotated[str | None, typer.Option(help="Training data: a data set's name or your own source (see "
-                                                    "`fewstep train --help`; default: the teacher's recorded data).")]
+                                                    "`fewstep train --help`; default: the teacher's recorded data; "
+                                                    "boot reads none).")]
         = None,
         set_: Annotated[list[str] | None, typer.Option(
             "--set", help="KEY=VALUE: set one of the method's or the loop's options (repeatable; wins over the "

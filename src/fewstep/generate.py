@@ -110,6 +110,10 @@ def generate(model: LoadedModel, sampler: str, timesteps: list[float], n: int, s
                                "or distill again with --guidance W, or with guided distillation for any scale")
         raise FewstepError("--guidance needs a class-conditional model trained with a null class "
                            f"(this one has {model.config.num_classes} classes and none)")
+    T = den.schedule.num_train_timesteps
+    if model.config.prediction == "boot" and [float(t) for t in timesteps] != [float(T - 1)]:
+        raise FewstepError("a BOOT student maps the starting noise to an image in one evaluation from t = "
+                           f"{T - 1}: sample it with its defaults (no --steps/--timesteps/--spacing)")
     if eta != 0.0 and sampler != "ddim":
         raise FewstepError(f"--eta applies to the ddim sampler only, not {sampler}")
     sigmas = den.schedule.sampling_sigmas(timesteps)

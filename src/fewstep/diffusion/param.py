@@ -206,6 +206,16 @@ def lcm_boundary(x: Tensor, x0: Tensor, sigma: Tensor, timestep: Tensor, sigma_d
     return Prediction(x0=f, eps=(x - f) / s)
 
 
+def _boot_inputs(x: Tensor, sigma: Tensor, schedule: NoiseSchedule) -> tuple[Tensor, Tensor]:
+    """A BOOT student reads the starting noise (the VP state at the first timestep) and answers for t = 0."""
+    alpha, _ = vp_alpha_sigma(bcast(sigma, x))
+    return x * alpha, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+
+
+def _boot_target(x0: Tensor, eps: Tensor, sigma: Tensor) -> Tensor:
+    raise FewstepError("a BOOT student is trained by bootstrapping (fewstep distill --method boot), not denoising")
+
+
 PARAMETERIZATIONS: dict[str, Parameterization] = {
     "eps": Parameterization("eps", _vp_inputs, _eps_predict, lambda x0, eps, sigma: eps),
     "v": Parameterization("v", _vp_inputs, _v_predict, _v_target),
@@ -214,6 +224,8 @@ PARAMETERIZATIONS: dict[str, Parameterization] = {
     "edm": Parameterization("edm", _edm_inputs, _edm_predict, _edm_target),
     # consistency training's network (trained by the consistency loss; the target is for completeness)
     "cm": Parameterization("cm", _edm_inputs, _cm_predict, _cm_target),
+    # a BOOT student (Gu et al. 2023): noise -> the signal y_0 = x0 in one evaluation from the first timestep only
+    "boot": Parameterization("boot", _boot_inputs, _x0_predict, _boot_target),
 }
 
 # diffusers' scheduler `prediction_type` -> ours

@@ -3,8 +3,8 @@
 Every module of this package is imported on first use of the registry (``get_method``, ``fewstep distill``) and
 registers its method, so adding a method is adding a module: progressive (Salimans & Ho 2022), guided (Meng et
 al. 2023), consistency distillation (Song et al. 2023 / LCM), consistency training (Song & Dhariwal 2023),
-rectified-flow reflow (Liu et al. 2022 / InstaFlow) and distribution matching with a GAN term (DMD2, Yin et al.
-2024) today.
+rectified-flow reflow (Liu et al. 2022 / InstaFlow), distribution matching with a GAN term (DMD2, Yin et al.
+2024) and data-free bootstrapping (BOOT, Gu et al. 2023) today.
 """
 
 from fewstep.distill.base import DistillContext, DistillOptions, DistillResult, RunContext, distill, get_method

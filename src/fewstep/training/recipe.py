@@ -559,6 +559,18 @@ def check_out(out: Path, resume: bool) -> None:
         raise FewstepError(f"{out} exists and is not empty: choose a new --out or pass --resume")
 
 
+NO_DATA_ROWS = 4096
+
+
+def no_data(model: LoadedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the loop batches for a data-free method: zeros of the teacher's sample shape (only their shape, device
+    and dtype are used) and, for a class-conditional teacher, labels cycling through its classes (so the loop's
+    seeded shuffle draws classes uniformly)."""
+    k = model.config.num_classes
+    x = torch.zeros(NO_DATA_ROWS, *model.sample_shape)
+    return x, (torch.arange(NO_DATA_ROWS) % k if k else None)
+
+
 def prepare(recipe: Recipe, resolved: Resolved, out: Path, teacher: Path | None = None, data: str | None = None,
             resume: bool = False, progress: bool = True) -> RunContext:
     """The run's context: the teacher loaded (when the recipe needs one), the training data (default: the
@@ -571,6 +583,13 @@ def prepare(recipe: Recipe, resolved: Resolved, out: Path, teacher: Path | None 
     if recipe.needs_teacher and teacher is None:
         raise FewstepError(f"method {recipe.name!r} needs --teacher")
     model = load_model(teacher) if teacher is not None and recipe.needs_teacher else None
+    if not recipe.needs_data and data is None and model is not None:  # data-free: no dataset is loaded or read
+        from fewstep.training.loop import check_config
+
+        train_config = resolved.loop.train_config(progress)
+        check_config(train_config, expected_processes())
+        return RunContext(model, Path(teacher), no_data(model), "", out, resolved.options, train_config,
+                          resume=resume, kind=recipe.kind)
     name = data or (model.config.data if model else None)
     if name is None:
         raise FewstepError(f"{teacher or 'the method'} does not record its dataset: pass --data")

@@ -108,11 +108,12 @@ class Boot:
 
 @dataclass
 class BootOptions(Options):
+    steps: int = opt(1, "sampling steps: a BOOT student samples in one step (g(eps, 0))", ge=1, le=1)
     grid_steps: int = opt(32, "N of the teacher's DDIM grid the bootstrap walks (t_n = (T-1) n / N)", ge=1,
                           le=100000)
     guidance: float = opt(1.0, "classifier-free guidance of the teacher (needs a null class)", ge=0)
 
-    hints = {"steps": "a BOOT student samples in one step", "teacher_steps": "boot's grid is grid_steps"}
+    hints = {"teacher_steps": "boot's grid is grid_steps"}
 
     def check_teacher(self, teacher: LoadedModel) -> None:
         if teacher.config.schedule.get("type", "vp") != "vp":

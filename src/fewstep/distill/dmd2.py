@@ -156,7 +156,7 @@ class DMD2:
         self.steps, self.guidance, self.fake_updates = steps, guidance, fake_updates
         self.gan_g, self.gan_d, self.t_range = gan_g, gan_d, t_range
         self.base_config = config
-        self.noise = _noise_levels(config.schedule.get("type", "vp"), teacher)
+        self.schedule_type = config.schedule.get("type", "vp")
         T = teacher.schedule.num_train_timesteps
         self.timesteps = [float(t) for t in spaced_timesteps(steps, T, "trailing")]
 
@@ -194,6 +194,8 @@ class DMD2:
         return self.teacher.schedule.sigmas.to(device)[t]
 
     def phases(self) -> list[Phase]:
+        noise = _noise_levels(self.schedule_type, self.teacher)  # built here: the teacher is placed by now
+
         def generator_loss(batch: Batch, ctx: StepContext) -> LossOutput:
             x0, y = batch
             gen = ctx.gen
@@ -234,7 +236,7 @@ class DMD2:
                 with torch.no_grad():
                     x = self._sample(x0, y, gen)
             b = x.shape[0]
-            sigma = self.noise(b, gen, x.device)
+            sigma = noise(b, gen, x.device)
             eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
             x_t = x + bcast(sigma, x) * eps
             fake = self.critic.fake

@@ -85,6 +85,8 @@ for method in $METHODS; do
     consistency) args=(--teacher "$T" --guidance 2 --steps 1 --teacher-steps 10) ;;
     ct) args=(--data digits --preset test8 --steps 1) ;;
     reflow) args=(--teacher "$T" --guidance 2 --steps 1 --pairs "$PAIRS" --teacher-steps 8) ;;
+    dmd2) args=(--teacher "$T" --guidance 2 --steps 2) ;;  # the GAN head on the UNet, backward simulation
+    boot) args=(--teacher "$T" --guidance 2) ;;  # data-free
     *) args=(--teacher "$T") ;;  # a new method: its defaults with few iterations
   esac
   step "distill-$method" "${FS[@]}" distill --method "$method" "${args[@]}" --iters "$ITERS" --batch 64 \

@@ -247,6 +247,12 @@ case("distill dmd2 --set teacher_steps (another method's option)",
 case("distill boot --guidance on an unconditional teacher",
      lambda t, f: ["distill", "--teacher", str(f.uncond), "--method", "boot", "--guidance", "2", "--iters", "2",
                    "--out", str(t / "d")], "null class")
+for method in ("dmd2", "boot"):
+    case(f"distill {method} from a distilled student",
+         lambda t, f, m=method: ["distill", "--teacher", str(f.distilled / "student"), "--method", m, "--iters", "2",
+                                 "--out", str(t / "d")], "distilled student")
+case("distill consistency --steps above --teacher-steps",
+     lambda t, f: _distill(t, f, "consistency", "--steps", "8", "--teacher-steps", "4"), "teacher_steps")
 case("distill boot --steps 2 (one-step method)", lambda t, f: _distill(t, f, "boot", "--steps", "2"), "steps")
 for method in ("progressive", "guided", "consistency", "ct", "reflow", "dmd2", "boot"):
     case(f"distill {method} --set unknown", lambda t, f, m=method: _distill(t, f, m, "--set", "nope=1"), "nope")

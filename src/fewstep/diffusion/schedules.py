@@ -97,7 +97,8 @@ def spaced_timesteps(n: int, num_train_timesteps: int = 1000, spacing: str = "tr
     elif spacing == "linspace":
         ts = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
     else:
-        raise FewstepError(f"unknown spacing {spacing!r}: use one of {', '.join(SPACINGS)}")
+        raise FewstepError(f"unknown spacing {spacing!r}: use one of {', '.join(SPACINGS)} (or grid, for a "
+                           "consistency student)")
     return [int(t) for t in ts]
 
 

@@ -12,9 +12,10 @@ sample it.  ``--resume`` skips finished stages and resumes the interrupted one e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +43,8 @@ DistillResult = RunResult
 LOSSES = ("huber", "l2")
 
 __all__ = ["KIND", "LOSSES", "STUDENT", "DistillContext", "DistillOptions", "DistillResult", "Options", "Recipe",
-           "RunContext", "RunResult", "StudentStage", "check_loss", "distance", "distill", "get_method", "l2", "opt",
-           "pseudo_huber", "register"]
+           "RunContext", "RunResult", "StudentStage", "check_loss", "distance", "distill", "eval_mode", "get_method",
+           "l2", "opt", "pseudo_huber", "register"]
 
 
 class StudentStage:
@@ -107,6 +108,18 @@ def distill(method: str, ctx: RunContext) -> RunResult:
         ctx = dataclasses.replace(ctx, options=options, train_config=dataclasses.replace(ctx.train_config,
                                                                                             steps=iters))
     return run_recipe(recipe, ctx)
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` in eval mode for a while (a trained network queried without gradients for a target: no dropout
+    noise in it), then in its own mode again."""
+    was = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was)
 
 
 # --- losses shared by methods ----------------------------------------------------------------------------

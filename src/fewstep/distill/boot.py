@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from fewstep.diffusion.param import bcast
-from fewstep.distill.base import KIND, STUDENT, Options, Recipe, RunContext, opt, register
+from fewstep.distill.base import KIND, STUDENT, Options, Recipe, RunContext, eval_mode, opt, register
 from fewstep.errors import FewstepError
 from fewstep.models.denoiser import Denoiser
 from fewstep.models.folder import LoadedModel, ModelConfig, SamplingDefaults, save_model
@@ -82,7 +82,7 @@ class Boot:
             n = torch.randint(1, self.grid + 1, (b,), generator=gen, device=device).to(torch.float64)
             t, s = (T - 1) * n / self.grid, (T - 1) * (n - 1) / self.grid
             sig_t, sig_s = sched.sigma(t).to(device), sched.sigma(s).to(device)
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(self.student):  # the bootstrap target without dropout noise
                 y_known = eps * (start - sigma_T)  # the signal at T: x_T - sigma_T eps
                 known = (n == self.grid).view(-1, *[1] * (eps.dim() - 1))
                 y_t = torch.where(known, y_known, self.signal(eps, t.to(device), y))
@@ -100,7 +100,7 @@ class Boot:
         cfg.prediction, cfg.role, cfg.null_class, cfg.boundary = "boot", "student", None, None
         cfg.schedule = {**cfg.schedule, "clip_sample": False, "thresholding": False}
         T = self.teacher.schedule.num_train_timesteps
-        cfg.sampling = SamplingDefaults(sampler="euler", steps=1, timesteps=[float(T - 1)], guidance=1.0)
+        cfg.sampling = SamplingDefaults(sampler="consistency", steps=1, timesteps=[float(T - 1)], guidance=1.0)
         cfg.training = {**cfg.training, "distilled_guidance": self.guidance, "grid_steps": self.grid,
                         "data_free": True, "student_steps": 1, **training}
         save_model(out, cfg, net)
@@ -119,8 +119,9 @@ class BootOptions(Options):
         if teacher.config.schedule.get("type", "vp") != "vp":
             raise FewstepError(f"boot needs a VP teacher (eps, v or x0 on a DDPM schedule): this one is "
                                f"{teacher.config.schedule.get('type')} (the student's time input is a VP timestep)")
-        if teacher.denoiser.takes_guidance or teacher.config.prediction in ("boot", "cm"):
-            raise FewstepError("boot distils a diffusion teacher: this model is a student; distil its teacher")
+        if teacher.denoiser.takes_guidance or teacher.config.role == "student" or teacher.config.boundary:
+            raise FewstepError("boot distils a diffusion teacher and this model is a distilled student: distil its "
+                               "teacher instead")
         if self.guidance != 1.0 and teacher.config.null_class is None:
             raise FewstepError(f"guidance {self.guidance:g} needs a class-conditional teacher with a null class: "
                                "drop --guidance")

@@ -115,6 +115,9 @@ class ConsistencyOptions(Options):
     def validate(self) -> None:
         if self.steps < 1 or self.teacher_steps < 1:
             raise FewstepError(f"steps {self.steps}, teacher_steps {self.teacher_steps}: give at least 1")
+        if self.steps > self.teacher_steps:
+            raise FewstepError(f"steps {self.steps} > teacher_steps {self.teacher_steps}: the student samples on the "
+                               "training grid, so it takes at most teacher_steps steps")
         check_loss(self.loss)
         check_range(self.guidance_range)
         check_iters("reparam_iters", self.reparam_iters)

@@ -13,8 +13,10 @@ own denoising objective; the *generator* (the student) maps noise to images in 1
   gradients p_r = x - x_real(x_t), p_f = x - x_fake(x_t), g = (p_r - p_f) / mean_CHW |p_r| per sample;
   L_DM = 0.5 mean (x - sg(x - g))^2, so dL/dx = g / numel: x moves toward the real score's denoised image and away
   from the fake one.  No regression loss anywhere.
-- Fake score: the teacher's objective (its parameterization's MSE at its training noise levels) on sg(x), with
-  the generator's labels (the fake is never guided).
+- Fake score: the teacher's objective (its parameterization's MSE) on sg(x) at noise levels drawn uniformly over
+  the T training levels, every level the DM loss queries (DMD2's EDM code; a VP teacher's own distribution), with
+  the generator's labels (the fake is never guided).  While the generator's phase runs, the critic answers in
+  eval mode (no dropout noise in p_fake).
 - GAN: a small head on the fake network's bottleneck features (the UNet's mid block) of x + sigma' eps',
   sigma' over all T levels, trained on real data vs generator samples.  Non-saturating: the head's loss
   softplus(f(sg x)) + softplus(-f(x_real)) (weight ``gan_d``, 1e-2) joins the fake score's loss, so the shared
@@ -47,7 +49,7 @@ from torch import nn
 
 from fewstep.diffusion.param import bcast
 from fewstep.diffusion.schedules import spaced_timesteps
-from fewstep.distill.base import KIND, STUDENT, Options, Recipe, RunContext, opt, register
+from fewstep.distill.base import KIND, STUDENT, Options, Recipe, RunContext, eval_mode, opt, register
 from fewstep.distill.progressive import Reparameterize, check_iters
 from fewstep.errors import FewstepError
 from fewstep.models.denoiser import Denoiser
@@ -55,7 +57,6 @@ from fewstep.models.folder import LoadedModel, ModelConfig, SamplingDefaults, lo
 from fewstep.samplers.guidance import guide
 from fewstep.training.method import Batch, LossOutput, Networks, Phase, StepContext
 from fewstep.training.processes import is_main
-from fewstep.training.teacher import ddpm_noise, flow_noise, lognormal_noise
 
 
 def bottleneck(net: nn.Module) -> nn.Module | None:
@@ -109,10 +110,12 @@ class Critic(nn.Module):
         seen: list[int] = []
         handle = tap.register_forward_hook(lambda m, a, o: seen.append((o[0] if isinstance(o, tuple) else o).shape[1]))
         try:
+            p = next(fake.net.parameters())  # wherever an earlier stage left the teacher's copy
             with torch.no_grad():
                 shape = fake.net.sample_shape
-                labels = torch.zeros(1, dtype=torch.long) if fake.num_classes else None
-                fake.net(torch.zeros(1, *shape), torch.zeros(1), labels)
+                labels = torch.zeros(1, dtype=torch.long, device=p.device) if fake.num_classes else None
+                fake.net(torch.zeros(1, *shape, device=p.device, dtype=p.dtype),
+                         torch.zeros(1, device=p.device, dtype=p.dtype), labels)
         finally:
             handle.remove()
         return seen[0]
@@ -125,15 +128,6 @@ class Critic(nn.Module):
         logits = self.head(self._features) if self.head is not None else None
         self._features = None
         return raw, logits
-
-
-def _noise_levels(schedule_type: str, den: Denoiser):
-    """The teacher's own training noise distribution (the fake score learns with the teacher's objective)."""
-    if schedule_type == "karras":
-        return lognormal_noise()
-    if schedule_type == "flow":
-        return flow_noise(den.schedule)
-    return ddpm_noise(den.schedule)
 
 
 class DMD2:
@@ -156,7 +150,6 @@ class DMD2:
         self.steps, self.guidance, self.fake_updates = steps, guidance, fake_updates
         self.gan_g, self.gan_d, self.t_range = gan_g, gan_d, t_range
         self.base_config = config
-        self.schedule_type = config.schedule.get("type", "vp")
         T = teacher.schedule.num_train_timesteps
         self.timesteps = [float(t) for t in spaced_timesteps(steps, T, "trailing")]
 
@@ -194,9 +187,11 @@ class DMD2:
         return self.teacher.schedule.sigmas.to(device)[t]
 
     def phases(self) -> list[Phase]:
-        noise = _noise_levels(self.schedule_type, self.teacher)  # built here: the teacher is placed by now
-
         def generator_loss(batch: Batch, ctx: StepContext) -> LossOutput:
+            with eval_mode(self.critic):  # the critic only answers here: no dropout noise in p_fake or the logits
+                return _generator_loss(batch, ctx)
+
+        def _generator_loss(batch: Batch, ctx: StepContext) -> LossOutput:
             x0, y = batch
             gen = ctx.gen
             x = self._sample(x0, y, gen)
@@ -236,7 +231,7 @@ class DMD2:
                 with torch.no_grad():
                     x = self._sample(x0, y, gen)
             b = x.shape[0]
-            sigma = noise(b, gen, x.device)
+            sigma = self._gan_sigma(b, gen, x.device)  # every level the DM loss queries (as DMD2's EDM code)
             eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
             x_t = x + bcast(sigma, x) * eps
             fake = self.critic.fake
@@ -294,9 +289,9 @@ class DMD2Options(Options):
         if self.guidance != 1.0 and teacher.config.null_class is None:
             raise FewstepError(f"guidance {self.guidance:g} needs a class-conditional teacher with a null class: "
                                "drop --guidance")
-        if teacher.denoiser.takes_guidance:
-            raise FewstepError("this teacher takes the guidance scale as an input (a guided student): distil the "
-                               "original teacher instead")
+        if teacher.denoiser.takes_guidance or teacher.config.role == "student" or teacher.config.boundary:
+            raise FewstepError("dmd2 distils a diffusion teacher and this model is a distilled student: distil its "
+                               "teacher instead")
 
     @classmethod
     def for_tests(cls) -> DMD2Options:

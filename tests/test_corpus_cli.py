@@ -23,6 +23,14 @@ def _train(tmp: Path, fx, *extra: str) -> list[str]:
     return ["train", "--data", "digits", "--preset", "test8", "--steps", "2", "--out", str(tmp / "run"), *extra]
 
 
+def _deep(tmp: Path) -> Path:
+    """A model folder whose config.json is an array nested 100,000 deep (json's recursion limit)."""
+    (tmp / "m").mkdir()
+    (tmp / "m" / "config.json").write_text("[" * 100000 + "]" * 100000)
+    (tmp / "m" / "model.safetensors").write_bytes(b"")
+    return tmp / "m"
+
+
 def _sample(tmp: Path, fx, *extra: str) -> list[str]:
     return ["sample", "--model", str(fx.model), "--out", str(tmp / "x.npy"), "--n", "4", *extra]
 
@@ -128,6 +136,23 @@ for flag, v in [("--sampler", "plms"), ("--spacing", "random"), ("--timesteps", 
                 ("--timesteps", "nan,10"), ("--timesteps", "999,999"), ("--timesteps", ","),
                 ("--threads", "0"), ("--threads", "-1")]:
     case(f"sample {flag} {v}", lambda t, f, fl=flag, v=v: _sample(t, f, fl, v), flag.lstrip("-").rstrip("s"))
+def _latents_of(t: Path, dtype: str) -> str:
+    import numpy as np
+
+    np.save(t / "lat.npy", np.ones((4, 1, 8, 8), dtype=dtype))
+    return str(t / "lat.npy")
+
+
+for dtype in ("complex64", "bool"):
+    case(f"sample --latents of {dtype}", lambda t, f, d=dtype: _sample(t, f, "--latents", _latents_of(t, d)),
+         "real numbers")
+case("train --batch 10**12", lambda t, f: ["train", "--data", "digits", "--preset", "test8", "--steps", "2",
+                                           "--batch", str(10**12), "--out", str(t / "o")], "--batch")
+case("train --out with a name too long", lambda t, f: ["train", "--data", "digits", "--preset", "test8", "--steps",
+                                                       "2", "--out", str(t / ("a" * 300))], "too long")
+case("sample --out with a name too long", lambda t, f: _sample(t, f)[:-2] + ["--out", str(t / ("b" * 300 + ".npy")),
+                                                                            "--n", "4"], "too long")
+case("info on a config nested 100,000 deep", lambda t, f: ["info", str(_deep(t))], "config")
 case("sample --guidance on a student distilled without guidance",
      lambda t, f: ["sample", "--model", str(f.distilled / "student"), "--guidance", "2", "--out", str(t / "x.npy")],
      "baked in")

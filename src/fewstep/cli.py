@@ -84,6 +84,11 @@ def _friendly(fn):
             console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except OSError as e:  # a full disk or a place that turned read-only while writing: one line, not a traceback
+            if e.errno == errno.ENAMETOOLONG:
+                name = escape(str(e.filename)[:80])
+                console.print(f"[red]error:[/red] a file name is too long for the filesystem ({name}...): choose a "
+                              "shorter path", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
             if e.errno not in _WRITE_ERRORS:
                 raise
             where = f" ({e.filename})" if e.filename else ""
@@ -146,6 +151,7 @@ def train(
         at_least(flag, v, 1)
     at_least("--lr", lr, 0, open_=True)
     at_least("--seed", seed, 0)
+    within("--batch", batch, 1, 2**20)  # as distill's batch: a batch of 10**12 is an allocation error, not a run
     within("--ema-decay", ema_decay, 0, 1, high_open=True)
     output_folder(out)
     apply_threads(threads)
@@ -208,9 +214,13 @@ def sample(
         if not latents.is_file():
             raise FewstepError(f"--latents file {latents} does not exist")
         try:
-            lat = torch.from_numpy(np.load(latents, allow_pickle=False)).float()
+            arr = np.load(latents, allow_pickle=False)
         except (ValueError, TypeError, EOFError, OSError) as e:
             raise FewstepError(f"--latents {latents} is not a numeric .npy array ({e})") from None
+        if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiu":
+            kind = getattr(arr, "dtype", type(arr).__name__)
+            raise FewstepError(f"--latents {latents} holds {kind} values: give real numbers (float noise)")
+        lat = torch.from_numpy(arr.astype(np.float32))
         if lat.ndim == 0 or lat.shape[0] == 0:
             raise FewstepError(f"--latents {latents} holds no samples: give an array (n, C, H, W) with n >= 1")
         bad = int((~torch.isfinite(lat)).sum())

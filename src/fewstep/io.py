@@ -101,7 +101,7 @@ def read_json(path: Path, what: str = "config") -> dict[str, Any]:
         raise FewstepError(f"{what} file {path} is missing")
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested thousands deep
         raise FewstepError(f"{what} file {path} is not valid JSON ({e.__class__.__name__}): restore or recreate it"
                            ) from None
     if not isinstance(obj, dict):
@@ -118,7 +118,7 @@ def read_yaml(path: Path, what: str) -> Any:
         raise FewstepError(f"{what} does not exist")
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
         raise FewstepError(f"{what} is not valid YAML ({str(e).splitlines()[0]})") from None
 
 

@@ -152,6 +152,20 @@ case("train --out with a name too long", lambda t, f: ["train", "--data", "digit
                                                        "2", "--out", str(t / ("a" * 300))], "too long")
 case("sample --out with a name too long", lambda t, f: _sample(t, f)[:-2] + ["--out", str(t / ("b" * 300 + ".npy")),
                                                                             "--n", "4"], "too long")
+def _labelled(t: Path, top: int) -> list[str]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.save(t / "x.npy", rng.integers(0, 255, (40, 8, 8), dtype=np.uint8))
+    np.save(t / "y.npy", np.arange(40) % top)
+    return ["--data", str(t / "x.npy"), "--labels", str(t / "y.npy")]
+
+
+case("distill --data with labels beyond the teacher's classes",
+     lambda t, f: _distill(t, f, "progressive", *_labelled(t, 40)), "labels up to 39")
+case("train --seed 2**53+1", lambda t, f: ["train", "--data", "digits", "--preset", "test8", "--steps", "2",
+                                           "--seed", str(2**53 + 1), "--out", str(t / "o")], "--seed")
+case("distill --set seed=2**53+1", lambda t, f: _distill(t, f, "progressive", "--set", f"seed={2**53 + 1}"), "seed")
 case("info on a config nested 100,000 deep", lambda t, f: ["info", str(_deep(t))], "config")
 case("sample --guidance on a student distilled without guidance",
      lambda t, f: ["sample", "--model", str(f.distilled / "student"), "--guidance", "2", "--out", str(t / "x.npy")],

@@ -89,6 +89,11 @@ def _friendly(fn):
                 console.print(f"[red]error:[/red] a file name is too long for the filesystem ({name}...): choose a "
                               "shorter path", highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
+            if e.errno in (errno.ENOTDIR, errno.EISDIR):
+                console.print(f"[red]error:[/red] {escape(e.strerror or str(e))} ({escape(str(e.filename))}): a file "
+                              "stands where a folder goes or the other way round (check --out and FEWSTEP_CACHE)",
+                              highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
             if e.errno not in _WRITE_ERRORS:
                 raise
             where = f" ({e.filename})" if e.filename else ""
@@ -152,6 +157,7 @@ def train(
     at_least("--lr", lr, 0, open_=True)
     at_least("--seed", seed, 0)
     within("--batch", batch, 1, 2**20)  # as distill's batch: a batch of 10**12 is an allocation error, not a run
+    within("--seed", seed, 0, 2**32 - 1)  # the loop derives generator seeds from it (seed x 1,000,003 + step)
     within("--ema-decay", ema_decay, 0, 1, high_open=True)
     output_folder(out)
     apply_threads(threads)

@@ -237,7 +237,10 @@ def feature_extractor(dataset: str, retrain: bool = False) -> FeatureExtractor:
             kind = info.get("kind", "classifier")
             net = AutoEncoder(tuple(info["sample_shape"])) if kind == "autoencoder" else \
                 FeatureNet(info["channels"], info["num_classes"])
-            net.load_state_dict(load_tensors(folder / "model.safetensors", "feature network"))
+            weights = load_tensors(folder / "model.safetensors", "feature network")
+            if any(v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in weights.values()):
+                raise FewstepError("its weights hold NaN or infinite values")
+            net.load_state_dict(weights)
         except (FewstepError, ValueError, KeyError, TypeError, RuntimeError) as e:
             raise FewstepError(f"the cached {dataset} feature network in {folder} is unusable ({str(e)[:80]}): "
                                "delete that folder and it is retrained on next use") from None

@@ -108,7 +108,7 @@ class LoopOptions(Options):
     ema_decay: float = opt(0.999, "decay of the evaluation EMA (the exported weights)", ge=0, lt=1)
     grad_accum: int = opt(1, "micro-batches per optimizer step", ge=1)
     mixed_precision: str = opt("no", "no, fp16 or bf16 (through accelerate)")
-    seed: int = opt(0, "seed of initialization, data order and noise", ge=0)
+    seed: int = opt(0, "seed of initialization, data order and noise", ge=0, le=2**32 - 1)
     ckpt_every: int | None = opt(None, "checkpoint every N steps (default: iters / 4)", ge=1)
     log_every: int = opt(25, "log the losses every N steps", ge=1)
     hflip: bool = opt(False, "random horizontal flips of the training images (a function of seed and step)")
@@ -606,6 +606,9 @@ def prepare(recipe: Recipe, resolved: Resolved, out: Path, teacher: Path | None 
                            f"{tuple(model.sample_shape)}: pass the data it was trained on (or --resolution/--channels "
                            "to match)")
     labels = ds.y if (model.config.num_classes if model else ds.num_classes) else None
+    if labels is not None and model is not None and len(labels) and int(labels.max()) >= model.config.num_classes:
+        raise FewstepError(f"--data {name} has labels up to {int(labels.max())}, the teacher knows classes "
+                           f"0..{model.config.num_classes - 1}: pass data with the teacher's classes")
     from fewstep.training.loop import check_config
 
     train_config = resolved.loop.train_config(progress)

@@ -212,10 +212,6 @@ def _boot_inputs(x: Tensor, sigma: Tensor, schedule: NoiseSchedule) -> tuple[Ten
     return x * alpha, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
 
 
-def _boot_target(x0: Tensor, eps: Tensor, sigma: Tensor) -> Tensor:
-    raise FewstepError("a BOOT student is trained by bootstrapping (fewstep distill --method boot), not denoising")
-
-
 PARAMETERIZATIONS: dict[str, Parameterization] = {
     "eps": Parameterization("eps", _vp_inputs, _eps_predict, lambda x0, eps, sigma: eps),
     "v": Parameterization("v", _vp_inputs, _v_predict, _v_target),
@@ -225,7 +221,8 @@ PARAMETERIZATIONS: dict[str, Parameterization] = {
     # consistency training's network (trained by the consistency loss; the target is for completeness)
     "cm": Parameterization("cm", _edm_inputs, _cm_predict, _cm_target),
     # a BOOT student (Gu et al. 2023): noise -> the signal y_0 = x0 in one evaluation from the first timestep only
-    "boot": Parameterization("boot", _boot_inputs, _x0_predict, _boot_target),
+    # (its output is the signal at t = 0, the image itself: the target is x0; it is trained by bootstrapping)
+    "boot": Parameterization("boot", _boot_inputs, _x0_predict, lambda x0, eps, sigma: x0),
 }
 
 # diffusers' scheduler `prediction_type` -> ours

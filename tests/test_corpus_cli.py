@@ -302,6 +302,30 @@ for method in ("progressive", "guided", "consistency", "ct", "reflow", "dmd2", "
     case(f"distill {method} --out below a file",
          lambda t, f, m=method: ["distill", "--teacher", str(f.model), "--method", m, "--out",
                                  str(_file(t) / "d")], "below it")
+
+
+def _gan(tmp: Path, *extra: str) -> list[str]:
+    return ["distill", "--method", "gan", "--data", "digits", "--iters", "2", "--out", str(tmp / "d"), *extra]
+
+
+GAN_BAD = {"variant": ["x", "wgan"], "codes": ["1", "0", "abc", "1e9"], "n_dis": ["0", "-1", "1.5"], "loss": ["l2"],
+           "width": ["0", "3", "1e9"], "z_dim": ["0", "-5"], "steps": ["2", "0"], "info_weight": ["-1", "nan"],
+           "eval_every": ["0", "-1", "abc"], "eval_n": ["5", "1e9"]}
+for key, values in GAN_BAD.items():
+    for v in values:
+        case(f"distill gan --set {key}={v}", lambda t, f, k=key, v=v: _gan(t, "--set", f"{k}={v}"), None)
+case("distill gan with --teacher", lambda t, f: [*_gan(t), "--teacher", str(f.model)], "no teacher")
+case("distill gan without --data", lambda t, f: ["distill", "--method", "gan", "--out", str(t / "d")], "--data")
+case("distill gan codes without infogan", lambda t, f: _gan(t, "--set", "codes=4"), "variant=infogan")
+case("distill gan info_weight without infogan", lambda t, f: _gan(t, "--set", "info_weight=2"), "infogan")
+case("distill gan cgan on unlabelled data",
+     lambda t, f: ["distill", "--method", "gan", "--data", "moons", "--set", "variant=cgan", "--iters", "2", "--out",
+                   str(t / "d")], "labelled data")
+case("distill gan --guidance", lambda t, f: _gan(t, "--guidance", "2"), "guidance")
+case("distill gan eval_n above the train split", lambda t, f: _gan(t, "--set", "eval_every=1", "--set",
+                                                                   "eval_n=5000"), "eval_n")
+case("sample --code on a model without codes",
+     lambda t, f: ["sample", "--model", str(f.model), "--code", "1", "--out", str(t / "x.npy")], "--code")
 case("distill unknown method", lambda t, f: _distill(t, f, "dmd9"), "dmd9")
 case("distill teacher missing", lambda t, f: ["distill", "--teacher", str(t / "nope"), "--out", str(t / "d")])
 case("distill no teacher", lambda t, f: ["distill", "--out", str(t / "d")], "teacher")

@@ -193,6 +193,9 @@ def sample(
              "costs 2 NFE.")] = None,
     class_: Annotated[int | None, typer.Option("--class", help="Class of every sample (default: cycle "
                                                   "through the classes).")] = None,
+    code: Annotated[int | None, typer.Option(help="InfoGAN's categorical code of every sample (a GAN distilled "
+                                                  "with --set variant=infogan; default: drawn from each sample's "
+                                                  "noise).")] = None,
     n: Annotated[int, typer.Option(help="Number of samples.")] = 64,
     seed: Annotated[int, typer.Option(help="Noise seed; sample i's noise depends only on (seed, i).")] = 0,
     latents: Annotated[Path | None, typer.Option(help="Initial noise as .npy (n, C, H, W), unit-variance eps "
@@ -237,7 +240,8 @@ def sample(
     m = load_model(model)
     fits_in_memory("--n", n, 4 * math.prod(m.config.sample_shape) * 3)  # the samples, the state and a prediction
     res = sample_model(m, n, sampler=sampler, steps=steps, spacing=spacing, timesteps=_parse_timesteps(timesteps),
-                       guidance=guidance, class_id=class_, seed=seed, eta=eta, latents=lat, batch_size=batch_size)
+                       guidance=guidance, class_id=class_, seed=seed, eta=eta, latents=lat, batch_size=batch_size,
+                       code=code)
     n, ts = res.x.shape[0], res.timesteps
     write_samples(out, res.x)
     out_console.print(f"{n} samples with {res.sampler} at {len(ts)} steps ({res.nfe} NFE per sample) in "

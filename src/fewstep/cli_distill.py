@@ -138,8 +138,15 @@ def register(app: typer.Typer, friendly, out_console) -> None:
                      mixed_precision=mixed_precision, hflip=hflip or None, log_with=log_with)
         values = {k: v for k, v in given.items() if v is not None}
         res = start("distill", method, out, teacher=teacher, data=data, config=config, values=values,
-                    sets=set_ or (), resume=resume, label=_flag)
+                    sets=set_ or (), resume=resume, label=_flag, quality=_train_quality)
         student_steps = getattr(res.options, "steps", None)
         what = f"{student_steps} steps, {method}" if student_steps is not None else method
         out_console.print(f"student ({what}): {res.student}  [distillation {res.wall_seconds:.0f} s]",
                           markup=False, soft_wrap=True)
+
+
+def _train_quality(dataset: str, n: int):  # noqa: ANN202 - the loop's QualityFn
+    """``--set eval_every=N``: FD on the train split, measured by fewstep.evaluate (distillation never imports it)."""
+    from fewstep.evaluate.runner import train_quality
+
+    return train_quality(dataset, n)

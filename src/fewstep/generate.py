@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from fewstep.diffusion.param import ONE_EVALUATION
 from fewstep.diffusion.schedules import grid_timesteps, spaced_timesteps
 from fewstep.errors import FewstepError
 from fewstep.images import check_finite_samples
@@ -81,10 +82,18 @@ def check_sampler(name: str) -> None:
 @torch.no_grad()
 def generate(model: LoadedModel, sampler: str, timesteps: list[float], n: int, seed: int = 0,
              labels: torch.Tensor | None = None, guidance: float = 1.0, eta: float = 0.0,
-             latents: torch.Tensor | None = None, batch_size: int = 256, start_index: int = 0) -> SampleResult:
+             latents: torch.Tensor | None = None, batch_size: int = 256, start_index: int = 0,
+             code: int | None = None) -> SampleResult:
     """Draw ``n`` samples.  Sample ``i`` uses noise seeded by ``(seed, start_index + i)``, so it does not
-    depend on ``batch_size``; ``latents`` (unit-variance eps, shape (n, *sample_shape)) replaces that noise."""
+    depend on ``batch_size``; ``latents`` (unit-variance eps, shape (n, *sample_shape)) replaces that noise.  ``code``
+    picks an InfoGAN generator's categorical code (the noise's code entry is set to it; nothing else changes)."""
     check_sampler(sampler)
+    codes = int(getattr(model.denoiser.net, "codes", 0) or 0)
+    if code is not None and not codes:
+        raise FewstepError("--code picks an InfoGAN's categorical code and this model has none (a GAN distilled with "
+                           "--set variant=infogan has one): drop --code (--class picks a class)")
+    if code is not None and not 0 <= code < codes:
+        raise FewstepError(f"--code {code} is outside the model's codes 0..{codes - 1}")
     if n < 1:
         raise FewstepError(f"--n {n}: ask for at least one sample")
     if batch_size < 1:
@@ -111,9 +120,10 @@ def generate(model: LoadedModel, sampler: str, timesteps: list[float], n: int, s
         raise FewstepError("--guidance needs a class-conditional model trained with a null class "
                            f"(this one has {model.config.num_classes} classes and none)")
     T = den.schedule.num_train_timesteps
-    if model.config.prediction == "boot" and [float(t) for t in timesteps] != [float(T - 1)]:
-        raise FewstepError("a BOOT student maps the starting noise to an image in one evaluation from t = "
-                           f"{T - 1}: sample it with its defaults (no --steps/--timesteps/--spacing)")
+    if model.config.prediction in ONE_EVALUATION and [float(t) for t in timesteps] != [float(T - 1)]:
+        what = "a BOOT student" if model.config.prediction == "boot" else "a GAN"
+        raise FewstepError(f"{what} maps the starting noise to a sample in one evaluation from t = {T - 1}: sample "
+                           "it with its defaults (no --steps/--timesteps/--spacing)")
     if eta != 0.0 and sampler != "ddim":
         raise FewstepError(f"--eta applies to the ddim sampler only, not {sampler}")
     sigmas = den.schedule.sampling_sigmas(timesteps)
@@ -126,6 +136,11 @@ def generate(model: LoadedModel, sampler: str, timesteps: list[float], n: int, s
         hi = min(n, lo + batch_size)
         source = IndexedNoise.range(seed, start_index + lo, start_index + hi)
         noise = latents[lo:hi].float() if latents is not None else source.initial(shape)
+        if code is not None:
+            from fewstep.models.generator import code_latent
+
+            noise = noise.clone()
+            noise.view(noise.shape[0], -1)[:, -1] = code_latent(code, codes)
         opts = SamplerOptions(eta=eta, clip_x0=model.config.x0_clip(), ddpm_variance=model.config.ddpm_variance(),
                               step_noise=source.step if spec.stochastic else None)
         cond = labels[lo:hi].to(device) if labels is not None else None
@@ -145,11 +160,11 @@ def generate(model: LoadedModel, sampler: str, timesteps: list[float], n: int, s
 def sample_model(model: LoadedModel | str | Path, n: int = 64, *, sampler: str | None = None, steps: int | None = None,
                  spacing: str | None = None, timesteps: list[float] | None = None, guidance: float | None = None,
                  class_id: int | None = None, seed: int = 0, eta: float = 0.0, latents: torch.Tensor | None = None,
-                 batch_size: int = 256) -> SampleResult:
+                 batch_size: int = 256, code: int | None = None) -> SampleResult:
     """Sample a model (a loaded one or any folder :func:`~fewstep.models.folder.load_model` takes) the way ``fewstep
     sample`` does: what is not given comes from the model's recorded defaults (sampler, steps or timesteps,
     guidance); labels cycle through the classes unless ``class_id`` is given; ``latents`` (n, *shape) replace the
-    seeded noise."""
+    seeded noise; ``code`` picks an InfoGAN's code."""
     if not isinstance(model, LoadedModel):
         from fewstep.models.folder import load_model
 
@@ -160,4 +175,4 @@ def sample_model(model: LoadedModel | str | Path, n: int = 64, *, sampler: str |
         n = latents.shape[0]
     return generate(model, sampler or d.sampler, ts, n, seed=seed, labels=class_labels(model, n, class_id),
                     guidance=d.guidance if guidance is None else guidance, eta=eta, latents=latents,
-                    batch_size=batch_size)
+                    batch_size=batch_size, code=code)

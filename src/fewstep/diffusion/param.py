@@ -207,7 +207,8 @@ def lcm_boundary(x: Tensor, x0: Tensor, sigma: Tensor, timestep: Tensor, sigma_d
 
 
 def _boot_inputs(x: Tensor, sigma: Tensor, schedule: NoiseSchedule) -> tuple[Tensor, Tensor]:
-    """A BOOT student reads the starting noise (the VP state at the first timestep) and answers for t = 0."""
+    """A BOOT student (or a GAN's generator) reads the starting noise (the VP state at the first timestep, which is
+    the unit-variance noise itself) and answers for t = 0."""
     alpha, _ = vp_alpha_sigma(bcast(sigma, x))
     return x * alpha, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
 
@@ -223,7 +224,10 @@ PARAMETERIZATIONS: dict[str, Parameterization] = {
     # a BOOT student (Gu et al. 2023): noise -> the signal y_0 = x0 in one evaluation from the first timestep only
     # (its output is the signal at t = 0, the image itself: the target is x0; it is trained by bootstrapping)
     "boot": Parameterization("boot", _boot_inputs, _x0_predict, lambda x0, eps, sigma: x0),
+    # a GAN's generator (fewstep.distill.gan): the same one evaluation, noise -> sample, trained adversarially
+    "gan": Parameterization("gan", _boot_inputs, _x0_predict, lambda x0, eps, sigma: x0),
 }
+ONE_EVALUATION = ("boot", "gan")  # predictions that map the starting noise to a sample from the first timestep only
 
 # diffusers' scheduler `prediction_type` -> ours
 DIFFUSERS_PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}

@@ -267,3 +267,41 @@ def evaluate_model(model: Any, *, sampler: str | None = None, steps: int | None 
     res = sample_model(m, n, sampler=sampler, steps=steps, spacing=spacing, timesteps=timesteps, guidance=guidance,
                        seed=seed, eta=eta, batch_size=batch_size)
     return evaluate_samples(dataset, label or str(m.path), res, seed, bootstrap)
+
+
+def train_quality(dataset: str, n: int) -> Callable[[Any, int], dict[str, float]]:
+    """The training loop's quality callback (``--set eval_every=N``): ``(model folder, step) -> {"fd": ...}`` (2-D
+    points: ``{"swd": ...}``), the model sampled with its own defaults (seed 0, labels cycling through the classes) at
+    ``n`` samples against ``n`` images of the **train** split, never the test split (a figure watched while training
+    is one a user tunes on).  Small n is fine here: the figure follows one run over time, at one n (FD's bias falls as
+    1/n, so it is compared only at equal n).  The reference and the feature network are ready before this returns."""
+    from pathlib import Path
+
+    from fewstep.generate import sample_model
+    from fewstep.models.folder import load_model
+
+    train = load_dataset(dataset, "train")
+    if n > len(train):
+        raise FewstepError(f"eval_n {n} exceeds {dataset}'s train split ({len(train)}): lower eval_n")
+    if is_image_data(dataset) and n < MIN_IMAGE_N:
+        raise FewstepError(f"eval_n {n} is too few for image data: FD in the 64-d feature space needs at least "
+                           f"{MIN_IMAGE_N} samples")
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(4321))[:n]
+    if is_image_data(dataset):
+        fx = feature_extractor(dataset)
+        real = _features(lambda x: (fx(x)[0].double().numpy(), None), train.x, idx)
+        gauss = M.Gaussian.fit(real)
+
+        def measure_images(folder: Path, step: int) -> dict[str, float]:
+            x = sample_model(load_model(folder), n, seed=0, batch_size=500).x
+            feats = fx(x.float())[0].double().numpy()
+            return {"fd": round(M.frechet_distance(M.Gaussian.fit(feats), gauss), 4)}
+
+        return measure_images
+    points = train.x[idx].double().numpy()
+
+    def measure_points(folder: Path, step: int) -> dict[str, float]:
+        x = sample_model(load_model(folder), n, seed=0, batch_size=500).x
+        return {"swd": round(M.sliced_wasserstein(x.double().numpy(), points), 4)}
+
+    return measure_points

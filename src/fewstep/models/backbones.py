@@ -301,8 +301,10 @@ class GuidanceEmbedded(nn.Module):
             self._w = None
 
 
+from fewstep.models.generator import GANGenerator  # noqa: E402 - imports nothing of this module
+
 BACKBONES: dict[str, type[nn.Module]] = {"unet2d": UNetBackbone, "mlp": MLPBackbone,
-                                         "guidance-embedded": GuidanceEmbedded}
+                                         "guidance-embedded": GuidanceEmbedded, "gan-generator": GANGenerator}
 
 
 def build_backbone(kind: str, config: dict[str, Any], where: str = "backbone config") -> nn.Module:

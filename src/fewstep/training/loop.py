@@ -30,6 +30,7 @@ import math
 import re
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ from fewstep.training.processes import expected_processes, use_cpu
 from fewstep.training.trackers import PROJECT, check_tracker, tracker_kwargs
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+QualityFn = Callable[[Path, int], dict[str, float]]  # (a model folder, the step) -> figures to log (train's `quality`)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class TrainConfig:
     progress: bool = True
     hflip: bool = False  # random horizontal flips of image batches (a function of seed and step: resume is exact)
     log_with: str | None = None  # also log the metrics to accelerate's "tensorboard" or "wandb" tracker (trackers.py)
+    eval_every: int | None = None  # call train()'s `quality` every N steps (and at the end) and log what it returns
 
 
 @dataclass
@@ -215,6 +218,7 @@ class LoopState(Strict):
     progress: bool = True
     hflip: bool = False
     log_with: str | None = None
+    eval_every: PosInt | None = None
 
 
 class CheckpointState(Strict):
@@ -505,9 +509,15 @@ def check_config(cfg: TrainConfig, world: int) -> None:
 
 
 def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: TrainConfig, out: Path,
-          resume: bool = False) -> TrainResult:
+          resume: bool = False, quality: QualityFn | None = None) -> TrainResult:
     """Run ``method`` for ``cfg.steps`` steps on ``data = (x, labels or None)``; write checkpoints and the model
-    folder into ``out``.  Works unchanged in every process of ``accelerate launch`` / ``torchrun``."""
+    folder into ``out``.  Works unchanged in every process of ``accelerate launch`` / ``torchrun``.
+
+    ``quality(folder, step) -> {name: number}``, called every ``cfg.eval_every`` steps and at the last one on the
+    main process with a temporary model folder of the current EMA weights, logs a quality figure while the method
+    trains (``quality/<name>`` in metrics.jsonl, beside the training time; the time it takes is logged as
+    ``quality/seconds`` and left out of the training time).  The loop knows nothing of how it is measured: the CLI
+    passes fewstep.evaluate's FD on the train split.  It uses no randomness of the run, so resume stays exact."""
     out = Path(out)
     ckpts = _Checkpoints(out)
     saved: CheckpointState | None = None
@@ -522,7 +532,8 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
             saved = read_state(start)
             # where to also log is this command's choice when it makes one (an older state.json has no log_with)
             cfg = TrainConfig(**{**saved.config.model_dump(), "progress": cfg.progress,
-                                 "log_with": cfg.log_with or saved.config.log_with})
+                                 "log_with": cfg.log_with or saved.config.log_with,
+                                 "eval_every": cfg.eval_every or saved.config.eval_every})
     elif (out / "config.json").exists():
         raise FewstepError(f"{out} already holds a model or training run: pass --resume or choose a new --out")
     elif (out / "checkpoints").exists() or (out / "metrics.jsonl").exists():
@@ -696,6 +707,19 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
                             disable=not (cfg.progress and acc.is_main_process))
+        def measure_quality(step: int) -> dict[str, Any]:
+            figures: list[Any] = [None]
+            if acc.is_main_process:
+                with tempfile.TemporaryDirectory(prefix="fewstep-quality-") as tmp:
+                    folder = Path(tmp) / "model"
+                    method.save_model(folder, ema.module, {"method": method.name, "steps": step})
+                    figures[0] = {f"quality/{k}": v for k, v in quality(folder, step).items()}
+            if world > 1:
+                from accelerate.utils import broadcast_object_list
+
+                broadcast_object_list(figures)  # every process logs the same record
+            return dict(figures[0] or {})
+
         before_step = getattr(method, "before_step", None)
         after_step = getattr(method, "after_step", None)
         t0 = time.perf_counter()
@@ -749,9 +773,18 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
                 if after_step is not None:
                     after_step(step)
                 step += 1
-                if step % cfg.log_every == 0 or step == cfg.steps:
+                figures = None
+                if quality is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    spent = time.perf_counter()
+                    figures = measure_quality(step)
+                    spent = time.perf_counter() - spent
+                    t0 += spent  # measuring is not training: the training time leaves it out
+                    t_log += spent
+                    figures["quality/seconds"] = round(spent, 2)
+                if step % cfg.log_every == 0 or step == cfg.steps or figures is not None:
                     now = time.perf_counter()
                     rec = log_record(step, now)
+                    rec.update(figures or {})
                     running = {}
                     history.append(rec)
                     if acc.is_main_process:

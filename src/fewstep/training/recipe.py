@@ -113,6 +113,10 @@ class LoopOptions(Options):
     log_every: int = opt(25, "log the losses every N steps", ge=1)
     hflip: bool = opt(False, "random horizontal flips of the training images (a function of seed and step)")
     log_with: str | None = opt(None, "also log the metrics to tensorboard or wandb (accelerate's trackers; offline)")
+    eval_every: int | None = opt(None, "log a quality figure every N steps of each stage and at its end: FD of eval_n "
+                                       "samples against the train split (metrics.jsonl's quality/fd; the CLI measures "
+                                       "it, and its time is not counted as training)", ge=1)
+    eval_n: int = opt(500, "samples per quality figure (eval_every)", ge=10, le=100000)
 
     def validate(self) -> None:
         from fewstep.training.loop import MIXED_PRECISION
@@ -139,7 +143,7 @@ class LoopOptions(Options):
                            weight_decay=self.weight_decay, grad_clip=self.grad_clip, ema_decay=self.ema_decay,
                            grad_accum=self.grad_accum, ckpt_every=self.ckpt_every or max(1, self.iters // 4),
                            log_every=self.log_every, seed=self.seed, mixed_precision=self.mixed_precision,
-                           hflip=self.hflip, log_with=self.log_with,
+                           hflip=self.hflip, log_with=self.log_with, eval_every=self.eval_every,
                            progress=progress)
 
 
@@ -229,6 +233,9 @@ class Recipe:
     options: type[Options]
     needs_teacher: bool = True
     needs_data: bool = True
+    # the method's own defaults for the loop's options, e.g. (("lr", 2e-4),) for a GAN's Adam: below a --config
+    # file, flags and --set, above LoopOptions' defaults
+    loop_defaults: tuple[tuple[str, Any], ...] = ()
 
     @property
     def record_file(self) -> str:
@@ -247,6 +254,9 @@ def register(recipe: Recipe) -> Recipe:
     clash = set(option_fields(recipe.options)) & (set(option_fields(LoopOptions)) | set(RESERVED))
     if clash:
         raise ValueError(f"{recipe.kind} {recipe.name!r}: option names {sorted(clash)} are the loop's or the record's")
+    stray = set(dict(recipe.loop_defaults)) - set(option_fields(LoopOptions))
+    if stray:
+        raise ValueError(f"{recipe.kind} {recipe.name!r}: loop_defaults {sorted(stray)} are not the loop's options")
     kind = _REGISTRY.setdefault(recipe.kind, {})
     if recipe.name in kind:
         raise ValueError(f"{recipe.kind} method {recipe.name!r} registered twice")
@@ -331,7 +341,7 @@ def resolve_options(recipe: Recipe, *, file: Path | None = None, values: Mapping
     options refuse (their ``validate``)."""
     space = _namespace(recipe)
     chosen: dict[str, Any] = {}
-    layers: list[tuple[str, Any, str]] = []
+    layers: list[tuple[str, Any, str]] = [(k, v, f"{recipe.name}'s default {k}") for k, v in recipe.loop_defaults]
     if file is not None:
         layers += [(k, v, f"--config {file}: {k}") for k, v in read_options_file(file).items()]
     layers += [(k, v, label(k)) for k, v in (values or {}).items()]
@@ -366,7 +376,9 @@ def options_help(recipe: Recipe) -> str:
 
     blocks = [(f"Options of {recipe.name}:", recipe.options), ("Options of the training loop (every method):",
                                                                LoopOptions)]
-    rows = {title: [(name, _type_name(cls, name), show(f.default), f.metadata.get("help", ""))
+    own_defaults = dict(recipe.loop_defaults)
+    rows = {title: [(name, _type_name(cls, name), show(own_defaults.get(name, f.default) if cls is LoopOptions
+                                                       else f.default), f.metadata.get("help", ""))
                     for name, (_, f) in option_fields(cls).items()] for title, cls in blocks}
     every = [r for rs in rows.values() for r in rs]
     w = [max(len(r[i]) for r in every) for i in range(3)]
@@ -398,6 +410,7 @@ class RunContext:
     stages: list[dict[str, Any]] = field(default_factory=list)
     record: dict[str, Any] | None = None  # what the run record holds (set by run_recipe)
     kind: str = "distill"
+    quality: Callable[[Path, int], dict[str, float]] | None = None  # the loop's quality callback (eval_every)
 
     @property
     def iters(self) -> int:
@@ -424,13 +437,13 @@ class RunContext:
             saved = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
             # unfinished, or finished but killed between the checkpoint and the model folder: the loop completes it
             if state.step < state.config.steps or saved.get("training", {}).get("steps") != state.step:
-                run(method, data or self.data, cfg, folder, resume=True)
+                run(method, data or self.data, cfg, folder, resume=True, **self._quality())
         else:
             if self.resume and folder.exists():  # started but never checkpointed: nothing worth keeping
                 if is_main():
                     shutil.rmtree(folder)
                 barrier()
-            run(method, data or self.data, cfg, folder)
+            run(method, data or self.data, cfg, folder, **self._quality())
         config = read_json(folder / "config.json", "stage config")
         self.stages.append({"stage": name, "method": method.name,
                             "wall_seconds": config.get("training", {}).get("wall_seconds")})
@@ -440,6 +453,9 @@ class RunContext:
             write_json(folder / "config.json", {**config, "training": {**config.get("training", {}), **total}})
         barrier()
         return folder
+
+    def _quality(self) -> dict[str, Any]:
+        return {"quality": self.quality} if self.quality is not None else {}
 
     def total_seconds(self) -> float:
         return round(sum(s["wall_seconds"] or 0.0 for s in self.stages), 1)
@@ -571,10 +587,29 @@ def no_data(model: LoadedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
     return x, (torch.arange(NO_DATA_ROWS) % k if k else None)
 
 
+QualityFactory = Callable[[str, int], Callable[[Path, int], dict[str, float]]]  # (dataset, n) -> the loop's quality
+
+
 def prepare(recipe: Recipe, resolved: Resolved, out: Path, teacher: Path | None = None, data: str | None = None,
-            resume: bool = False, progress: bool = True) -> RunContext:
+            resume: bool = False, progress: bool = True, quality: QualityFactory | None = None) -> RunContext:
     """The run's context: the teacher loaded (when the recipe needs one), the training data (default: the
-    teacher's recorded dataset) checked against it, the loop's config.  Writes nothing."""
+    teacher's recorded dataset) checked against it, the loop's config.  Writes nothing.  With ``eval_every`` set,
+    ``quality(dataset, eval_n)`` makes the loop's quality callback (the CLI passes fewstep.evaluate's; methods never
+    import evaluation); the dataset is the training data, or for a data-free run the teacher's."""
+    ctx = _prepare(recipe, resolved, out, teacher, data, resume, progress)
+    if resolved.loop.eval_every is not None:
+        if quality is None:
+            raise FewstepError("eval_every needs a quality measure: the caller passes one (fewstep distill does)")
+        dataset = ctx.data_name or (ctx.teacher.config.data if ctx.teacher is not None else None)
+        if not dataset:
+            raise FewstepError("eval_every measures FD against a dataset and this run has none: pass --data (used for "
+                               "the measurement only)")
+        ctx.quality = quality(dataset, resolved.loop.eval_n)
+    return ctx
+
+
+def _prepare(recipe: Recipe, resolved: Resolved, out: Path, teacher: Path | None, data: str | None, resume: bool,
+             progress: bool) -> RunContext:
     from fewstep.data.datasets import load_dataset
     from fewstep.models.folder import load_model
 
@@ -582,6 +617,9 @@ def prepare(recipe: Recipe, resolved: Resolved, out: Path, teacher: Path | None 
     check_out(out, resume)
     if recipe.needs_teacher and teacher is None:
         raise FewstepError(f"method {recipe.name!r} needs --teacher")
+    if not recipe.needs_teacher and teacher is not None:
+        raise FewstepError(f"method {recipe.name!r} trains from the data alone (no teacher): drop --teacher and pass "
+                           "--data")
     model = load_model(teacher) if teacher is not None and recipe.needs_teacher else None
     if not recipe.needs_data and data is None and model is not None:  # data-free: no dataset is loaded or read
         from fewstep.training.loop import check_config
@@ -619,9 +657,10 @@ def prepare(recipe: Recipe, resolved: Resolved, out: Path, teacher: Path | None 
 
 def start(kind: str, name: str, out: Path, *, teacher: Path | None = None, data: str | None = None,
           config: Path | None = None, values: Mapping[str, Any] | None = None, sets: Iterable[str] = (),
-          resume: bool = False, progress: bool = True, label: Callable[[str], str] = lambda k: k) -> RunResult:
+          resume: bool = False, progress: bool = True, label: Callable[[str], str] = lambda k: k,
+          quality: QualityFactory | None = None) -> RunResult:
     """Resolve the options (nothing written on an error), prepare and run: what ``fewstep distill`` and
     :func:`fewstep.distill_model` do."""
     recipe = get_recipe(kind, name)
     resolved = resolve_options(recipe, file=config, values=values, sets=sets, label=label)
-    return run_recipe(recipe, prepare(recipe, resolved, out, teacher, data, resume, progress))
+    return run_recipe(recipe, prepare(recipe, resolved, out, teacher, data, resume, progress, quality))

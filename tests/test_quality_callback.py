@@ -50,6 +50,13 @@ def test_quality_is_logged_at_its_steps_outside_the_training_time_and_changes_no
     # the three 0.4 s measurements (1.2 s) are not in the training time: it is the time of the same run without them
     plain = _rows(without.student)[-1]["time"]
     assert rows[-1]["time"] < plain + 0.8 and with_q.wall_seconds < without.wall_seconds + 0.8, (rows[-1], plain)
+    from fewstep.evaluate.bench import quality_curve
+    from fewstep.evaluate.report import plot_curves
+
+    curve = quality_curve(with_q.student)  # what the bench report plots against distillation time
+    assert [v for _, v in curve] == [10.0, 20.0, 30.0] and [t for t, _ in curve] == sorted(t for t, _ in curve)
+    assert quality_curve(without.student) == []
+    assert plot_curves({"gan": curve}, "fd").startswith(b"\x89PNG")
     a, b = load_tensors(with_q.student / "model.safetensors"), load_tensors(without.student / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the callback draws nothing from the run's randomness
 

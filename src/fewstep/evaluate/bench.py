@@ -585,7 +585,35 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     _write_csv(out / "results.csv", results)
     teacher_info = {"folder": str(folder), "training": teacher.config.training, "data": cfg.data,
                     "guidance": cfg.guidance, "n": n}
-    return write_report(out, cfg.name, results, teacher_info)
+    curves = {s["name"]: quality_curve(s["model"]) for s in cfg.students if ready(Row("student", s["name"],
+                                                                                       model=s["model"]))}
+    return write_report(out, cfg.name, results, teacher_info, {k: v for k, v in curves.items() if v})
+
+
+def quality_curve(model: str | Path) -> list[tuple[float, float]]:
+    """(distillation seconds, quality) pairs a student's run logged while it trained (``--set eval_every``): every
+    stage's ``quality/fd`` (or ``quality/swd``) at the stage's training time plus the time of the stages before it,
+    so a two-stage method's curve starts where its first stage's time ends.  Empty without ``eval_every``."""
+    from fewstep.models.folder import model_folder
+
+    folder = model_folder(model)
+    run = folder.parent
+    stages = read_json(folder / "config.json").get("training", {}).get("distill_stages") or []
+    points: list[tuple[float, float]] = []
+    offset = 0.0
+    for st in stages:
+        metrics = run / str(st.get("stage", "")) / "metrics.jsonl"
+        if metrics.is_file():
+            for line in metrics.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                value = rec.get("quality/fd", rec.get("quality/swd"))
+                if isinstance(value, (int, float)) and isinstance(rec.get("time"), (int, float)):
+                    points.append((offset + float(rec["time"]), float(value)))
+        offset += float(st.get("wall_seconds") or 0.0)
+    return points
 
 
 def _has_model(folder: Path) -> bool:

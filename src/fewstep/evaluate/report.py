@@ -56,6 +56,28 @@ def plot(results: list[dict[str, Any]], metric: str, x: str) -> bytes:
     return buf.getvalue()
 
 
+def plot_curves(curves: dict[str, list[tuple[float, float]]], metric: str) -> bytes:
+    """Each student's quality logged while it trained (train split, ``eval_every``) against its distillation time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for name, pts in sorted(curves.items()):
+        ax.plot([p[0] / 60 for p in pts], [p[1] for p in pts], marker=".", label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("distillation time (minutes, this machine)")
+    ax.set_ylabel(f"{metric.upper()} on the train split while training")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def _feature_facts(results: list[dict]) -> str:
     """The feature network's quality: a classifier's test accuracy, or an autoencoder's (unlabelled data) test
     reconstruction error."""
@@ -64,6 +86,15 @@ def _feature_facts(results: list[dict]) -> str:
     if acc is None and err is not None:
         return f"features from an autoencoder (unlabelled data), test reconstruction MSE {_num(err, 4)}"
     return f"feature network test accuracy {_num(acc, 4)}"
+
+
+def _curves_html(data: bytes | None, metric: str) -> str:
+    if data is None:
+        return ""
+    return (f"<p>While they trained: each student's {metric.upper()} against its distillation time, measured on the "
+            "<b>train</b> split at a small n (<code>--set eval_every</code>, <code>eval_n</code>), so it ranks a run "
+            "over time, not methods against the table's test-split figures.</p>"
+            f'<div class="plots">{_img(data, "quality while training", "plot")}</div>')
 
 
 def _img(data: bytes, alt: str, cls: str = "") -> str:
@@ -80,10 +111,14 @@ def _num(v: Any, digits: int = 4) -> str:
     return html.escape(str(v))
 
 
-def write_report(out: Path, name: str, results: list[dict[str, Any]], teacher: dict[str, Any]) -> Path:
+def write_report(out: Path, name: str, results: list[dict[str, Any]], teacher: dict[str, Any],
+                 curves: dict[str, list[tuple[float, float]]] | None = None) -> Path:
+    """``curves``: student name -> (distillation seconds, train-split quality) logged while it trained."""
     out = Path(out)
     metric = "fd" if any(r.get("fd") is not None for r in results) else "swd"
     plots = {f"{metric}_vs_{x}.png": plot(results, metric, x) for x in ("nfe", "time")}
+    if curves:
+        plots[f"{metric}_while_training.png"] = plot_curves(curves, metric)
     for fname, data in plots.items():
         (out / fname).write_bytes(data)
     floor = next((r["floor"] for r in results if r.get("floor")), {})
@@ -134,6 +169,7 @@ All rows share initial noise and class labels. Dashed lines: diffusers' schedule
 best timestep spacing. Wall time is this machine's and noisy; compare within a table.</p>
 <div class="plots">{_img(plots[f"{metric}_vs_nfe.png"], f"{metric} vs NFE", "plot")}
 {_img(plots[f"{metric}_vs_time.png"], f"{metric} vs time", "plot")}</div>
+{_curves_html(plots.get(f"{metric}_while_training.png"), metric)}
 <table id="results"><thead><tr>{head}</tr></thead><tbody>
 {chr(10).join(body)}
 </tbody></table>

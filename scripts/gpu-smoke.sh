@@ -87,7 +87,8 @@ for method in $METHODS; do
     reflow) args=(--teacher "$T" --guidance 2 --steps 1 --pairs "$PAIRS" --teacher-steps 8) ;;
     dmd2) args=(--teacher "$T" --guidance 2 --steps 2) ;;  # the GAN head on the UNet, backward simulation
     boot) args=(--teacher "$T" --guidance 2) ;;  # data-free
-    *) args=(--teacher "$T") ;;  # a new method: its defaults with few iterations
+    gan) args=(--data digits --set eval_every="$ITERS" --set eval_n=200) ;;  # no teacher; the quality callback
+    *) args=(--teacher "$T") ;;  # a new method: its defaults with few iterations (a teacher-free one: add it above)
   esac
   step "distill-$method" "${FS[@]}" distill --method "$method" "${args[@]}" --iters "$ITERS" --batch 64 \
     --out "$WORK/distill/$method"

@@ -365,6 +365,27 @@ def _diffusers_nan_weights(tmp, fx):
 case("diffusers weights hold NaN (sample)", _diffusers_nan_weights, r"diffusion_pytorch_model\.safetensors.*NaN")
 
 
+def _diffusers_weights_edit(edit):
+    def build(tmp, fx):
+        d = _diffusers(tmp, fx, conditional=False)
+        w = d / "unet" / "diffusion_pytorch_model.safetensors"
+        state = load_file(str(w))
+        edit(state)
+        save_file(state, str(w))
+        return _cmd("sample", d, tmp)
+    return build
+
+
+# diffusers itself only warns about tensors its network does not have: weights of another (deeper) network loaded
+case("diffusers weights with an extra tensor (sample)",
+     _diffusers_weights_edit(lambda st: st.update({"down_blocks.0.resnets.9.conv1.weight": torch.zeros(3)})),
+     r"does not fit.*down_blocks\.0\.resnets\.9")
+case("diffusers weights with a tensor missing (sample)",
+     _diffusers_weights_edit(lambda st: st.pop("conv_in.bias")), r"does not fit.*missing.*conv_in\.bias")
+case("diffusers weights with a tensor reshaped (sample)",
+     _diffusers_weights_edit(lambda st: st.update({"conv_in.bias": torch.zeros(7)})), r"does not fit.*conv_in\.bias")
+
+
 @pytest.mark.parametrize("name,spec", CASES, ids=[c[0] for c in CASES])
 def test_refused(name, spec, fx, tmp_path):
     build, pattern = spec
@@ -377,6 +398,21 @@ def test_corpus_size():
 
 
 # --- what is accepted, and what saving refuses ----------------------------------------------------------------
+def test_diffusers_weights_with_legacy_attention_names_load(fx, tmp_path):
+    """Checkpoints saved by older diffusers name attention tensors query/key/value/proj_attn; diffusers renames them
+    when it loads, so the check that weights fit their config reads them the same way."""
+    from fewstep.models.folder import load_model
+
+    d = _diffusers(tmp_path, fx, conditional=False)
+    w = d / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(w))
+    renamed = {k.replace(".to_q.", ".query.").replace(".to_out.0.", ".proj_attn."): v for k, v in state.items()}
+    assert renamed.keys() != state.keys()
+    save_file(renamed, str(w))
+    a, b = load_model(d).denoiser.net.state_dict(), load_model(fx.uncond).denoiser.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_diffusers_pipeline_class_is_never_looked_up(fx, tmp_path):
     """model_index.json's pipeline class and private keys are not instructions: only UNet2DModel is built, offline."""
     d = _diffusers(tmp_path, fx, conditional=False)

@@ -9,6 +9,7 @@ from fewstep.data.datasets import load_dataset
 from fewstep.distill import DistillContext, distill
 from fewstep.distill.dmd2 import DMD2, Critic, DMD2Options, bottleneck
 from fewstep.distill.progressive import student_timesteps
+from fewstep.errors import FewstepError
 from fewstep.evaluate import metrics as M
 from fewstep.generate import generate, resolve_timesteps
 from fewstep.io import load_tensors
@@ -138,3 +139,8 @@ def test_dmd2_with_gan_resumes_exactly_and_records_how_to_sample(digits_teacher,
     assert any(k.startswith("critic.head.") for k in ckpt)  # the head is checkpointed with the fake score
     x = generate(s, "consistency", resolve_timesteps(s), 8, seed=0, labels=torch.arange(8)).x
     assert x.shape == (8, 1, 8, 8) and torch.isfinite(x).all()
+    # its generator saw inputs at 999 and 499 only: other timesteps are refused, not sampled off-distribution
+    with pytest.raises(FewstepError, match=r"trained to sample at timesteps \[999.0, 499.0\] only"):
+        generate(s, "consistency", resolve_timesteps(s, steps=4), 8, seed=0, labels=torch.arange(8))
+    with pytest.raises(FewstepError, match="gan=false turns off"):
+        DMD2Options(gan=False, gan_g=0.1).validate()

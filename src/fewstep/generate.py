@@ -124,6 +124,11 @@ def generate(model: LoadedModel, sampler: str, timesteps: list[float], n: int, s
         what = "a BOOT student" if model.config.prediction == "boot" else "a GAN"
         raise FewstepError(f"{what} maps the starting noise to a sample in one evaluation from t = {T - 1}: sample "
                            "it with its defaults (no --steps/--timesteps/--spacing)")
+    trained = model.config.training.get("trained_timesteps")  # a generator trained at these inputs only (dmd2)
+    if trained and [float(t) for t in timesteps] != [float(t) for t in trained]:
+        raise FewstepError(f"this student was trained to sample at timesteps {trained} only (its generator never saw "
+                           f"inputs at {[round(float(t), 2) for t in timesteps]}): sample it with its defaults (no "
+                           "--steps/--timesteps/--spacing), or distil it again with --steps K")
     if eta != 0.0 and sampler != "ddim":
         raise FewstepError(f"--eta applies to the ddim sampler only, not {sampler}")
     sigmas = den.schedule.sampling_sigmas(timesteps)

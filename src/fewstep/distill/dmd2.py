@@ -264,7 +264,8 @@ class DMD2:
                                         guidance=1.0)
         gan = "on" if self.gan else ("off: the network has no bottleneck to tap" if self.gan_asked else "off")
         cfg.training = {**cfg.training, "distilled_guidance": self.guidance, "student_steps": self.steps,
-                        "fake_updates": self.fake_updates, "gan": gan, **training}
+                        "fake_updates": self.fake_updates, "gan": gan, "trained_timesteps": list(self.timesteps),
+                        **training}
         save_model(out, cfg, net)
 
 
@@ -284,6 +285,9 @@ class DMD2Options(Options):
 
     def validate(self) -> None:
         check_iters("reparam_iters", self.reparam_iters)
+        if not self.gan and (self.gan_g != 3e-3 or self.gan_d != 1e-2):
+            raise FewstepError("gan_g and gan_d weigh the GAN term, which gan=false turns off: drop them, or turn the "
+                               "GAN term on")
 
     def check_teacher(self, teacher: LoadedModel) -> None:
         if self.guidance != 1.0 and teacher.config.null_class is None:

@@ -13,6 +13,7 @@ A fewstep model folder holds
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -507,8 +508,10 @@ def _load_diffusers(path: Path, device) -> LoadedModel:
     check(SidecarSchema, side, str(side_file))
     weights = unet_dir / DIFFUSERS_WEIGHTS
     # fail with our one-line message when it is corrupt or holds NaN
-    check_finite_weights(load_tensors(weights), str(weights), "the training diverged or the file is damaged: "
-                         "retrain or restore the model")
+    state = load_tensors(weights)
+    check_finite_weights(state, str(weights), "the training diverged or the file is damaged: retrain or restore the "
+                         "model")
+    _check_unet_weights(ucfg, state, weights, uwhere)
     try:
         unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=True, local_files_only=True)
     except FewstepError:
@@ -529,6 +532,31 @@ def _load_diffusers(path: Path, device) -> LoadedModel:
     check_fits(config, UNetBackbone(unet), str(side_file) if side else uwhere)
     den = Denoiser(UNetBackbone(unet), process.schedule(), process.prediction, num_classes, null_class)
     return LoadedModel(den.to(device).eval(), config, source, path)
+
+
+def _check_unet_weights(ucfg: dict[str, Any], state: dict[str, torch.Tensor], weights: Path, uwhere: str) -> None:
+    """The weights are the network the config describes: the same tensor names and shapes (diffusers only warns
+    about unexpected tensors, so weights of another network with a few extra tensors would load half-used)."""
+    from diffusers import UNet2DModel
+
+    kw = {k: v for k, v in ucfg.items() if not k.startswith("_") and k in UNet2DFolderConfig.model_fields}
+    try:
+        with torch.device("meta"):
+            want = {k: tuple(v.shape) for k, v in UNet2DModel(**kw).state_dict().items()}
+    except Exception as e:  # noqa: BLE001 - a config diffusers cannot build: one line
+        raise FewstepError(f"{uwhere} describes a network that cannot be built ({str(e).splitlines()[0][:100]})") \
+            from None
+    legacy = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}  # what diffusers renames
+    have = {re.sub(r"\.(query|key|value|proj_attn)\.(weight|bias)$", lambda m: f".{legacy[m[1]]}.{m[2]}", k):
+            tuple(v.shape) for k, v in state.items()}
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    shapes = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    if missing or extra or shapes:
+        what = (f"{len(missing)} tensors missing (e.g. {missing[0]})" if missing else
+                f"{len(extra)} tensors the network does not have (e.g. {extra[0]})" if extra else
+                f"{shapes[0]} has shape {list(have[shapes[0]])}, the config's network {list(want[shapes[0]])}")
+        raise FewstepError(f"{weights} does not fit {uwhere}: {what}; the weights belong to another network: restore "
+                           "the folder's own weights or config")
 
 
 def export_diffusers(model: LoadedModel, out: Path) -> str:

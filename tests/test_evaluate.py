@@ -1,5 +1,6 @@
 """`fewstep evaluate` and `fewstep bench` end to end on the tiny digits teacher, and the report in Chromium."""
 
+import csv
 import json
 import os
 import re
@@ -186,6 +187,12 @@ def test_bench_student_rows(digits_teacher, tmp_path):
     assert results["student:cd x1"]["train_seconds"] == cd.config.training["distill_wall_seconds"] > 0
     assert results["fewstep:ddim x1"]["train_seconds"] == load_model(model).config.training["wall_seconds"]
     assert "train s" in (tmp_path / "out" / "report.html").read_text()
+    # every student against the teacher's best row, and the two 1-step students against each other, paired
+    diffs = list(csv.DictReader((tmp_path / "out" / "comparisons.csv").open()))
+    pairs = {(d["a"], d["b"]) for d in diffs}
+    assert len(diffs) == 4 and ("student:pd x1", "student:cd x1") in pairs, pairs
+    assert all(d["paired"] == "True" and float(d["lo"]) <= float(d["difference"]) <= float(d["hi"]) for d in diffs)
+    assert "Differences" in (tmp_path / "out" / "report.html").read_text()
     # the same student in another folder (a bench run from another directory sees another path): cached
     shutil.move(tmp_path / "consistency", tmp_path / "moved")
     cfg.write_text(cfg.read_text().replace(str(tmp_path / "consistency"), str(tmp_path / "moved")))

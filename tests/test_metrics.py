@@ -84,3 +84,23 @@ def test_2d_distances():
     # SWD of a pure shift by c along a direction averages |c . u| over random unit u; in 2-D that is 2|c|/pi
     assert M.sliced_wasserstein(x, x + np.array([1.0, 0.0]), projections=4096) == pytest.approx(2 / np.pi, rel=0.05)
     assert abs(M.mmd_rbf(x[:500], y[:500])) < 0.01 < M.mmd_rbf(x[:500], z[:500])
+
+
+def test_fd_difference_paired_resolves_what_unpaired_cannot():
+    """Two sets that share their noise (b = a shifted a little, as a student's and a teacher's samples share each
+    sample's noise): the paired interval excludes 0 and is much narrower than the unpaired one."""
+    rng = np.random.default_rng(0)
+    ref = M.Gaussian.fit(rng.normal(size=(4000, 8)))
+    a = rng.normal(size=(1000, 8))
+    b = a + 0.08
+    d, lo, hi = M.fd_difference(a, b, ref)
+    fa = M.frechet_distance(M.Gaussian.fit(a), ref)
+    fb = M.frechet_distance(M.Gaussian.fit(b), ref)
+    assert d == pytest.approx(fa - fb) and lo <= d <= hi
+    _, ulo, uhi = M.fd_difference(a, b, ref, paired=False)
+    assert (hi - lo) < 0.8 * (uhi - ulo), (lo, hi, ulo, uhi)  # measured 0.63x: the covariance terms cancel
+    assert hi < 0 or lo > 0  # resolved when paired
+    same = M.fd_difference(a, a.copy(), ref)
+    assert same == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="one size"):
+        M.fd_difference(a, a[:10], ref)

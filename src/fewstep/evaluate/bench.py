@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field, field_validator
 
@@ -519,7 +520,7 @@ def row_key(row: Row, keys: KeyContext, model: str | None = None) -> str:
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     from fewstep.evaluate.report import write_report
-    from fewstep.evaluate.runner import check_n, default_n, evaluate_samples, measure
+    from fewstep.evaluate.runner import check_n, default_n, evaluate_samples, measure, reference
     from fewstep.images import write_samples
     from fewstep.models.folder import load_model, model_folder
 
@@ -571,8 +572,13 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
                        .get("distill_wall_seconds") if row.model else teacher.config.training.get("wall_seconds"))
             ev.update(method=row.method, name=row.name, spacing=spacing, grid=f"grids/{key}.png", train_seconds=trained,
                       label=row.label.replace(" best", f" {spacing}"), model_sha256=mh[:16],
-                      features_sha256=features_hash)
+                      features_sha256=features_hash, paired=_shares_noise(row))
             write_samples(out / "grids" / f"{key}.png", res.x[:100], nrow=10 if res.x.ndim == 4 else None)
+            if features_hash is not None:  # for the paired differences between rows (fd_difference)
+                (out / "features").mkdir(parents=True, exist_ok=True)
+                np.save(out / "features" / f"{key}.npy", reference(cfg.data, n).featurize(res.x.float())[0]
+                        .astype(np.float32))
+                ev["features"] = f"features/{key}.npy"
             db.add(run_id, key, row, ev)
             hit = ev
             log(f"[{i + 1}/{len(rows)}] {ev['label']}: NFE {ev['nfe']}, FD {_f(ev.get('fd'))}, "
@@ -583,11 +589,51 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
             hit = {**hit, "train_seconds": hit.get("train_seconds", teacher.config.training.get("wall_seconds"))}
         results.append(hit)
     _write_csv(out / "results.csv", results)
+    diffs = compare_rows(results, out, reference(cfg.data, n).gauss) if features_hash is not None else []
+    if diffs:
+        _write_csv(out / "comparisons.csv", diffs, list(diffs[0]))
     teacher_info = {"folder": str(folder), "training": teacher.config.training, "data": cfg.data,
                     "guidance": cfg.guidance, "n": n}
     curves = {s["name"]: quality_curve(s["model"]) for s in cfg.students if ready(Row("student", s["name"],
                                                                                        model=s["model"]))}
-    return write_report(out, cfg.name, results, teacher_info, {k: v for k, v in curves.items() if v})
+    return write_report(out, cfg.name, results, teacher_info, {k: v for k, v in curves.items() if v}, diffs)
+
+
+def _shares_noise(row: Row) -> bool:
+    """Whether sample i of this row comes from the same noise path as the teacher's and the students' (a GAN maps the
+    noise in a way no diffusion model does: its differences are bootstrapped unpaired)."""
+    if not row.model:
+        return True
+    from fewstep.models.folder import model_folder
+
+    return read_json(model_folder(row.model) / "config.json").get("training", {}).get("method") != "gan"
+
+
+def compare_rows(results: list[dict[str, Any]], out: Path, ref: Any) -> list[dict[str, Any]]:
+    """FD differences with 90% bootstrap intervals (metrics.fd_difference): every student row against the teacher's
+    best row (the lowest FD among the teacher's rows, the reference included), and every two students at the same
+    NFE.  Paired where both rows share their samples' noise and labels; rows without saved features (cached by an
+    older fewstep) are left out."""
+    from fewstep.evaluate import metrics as M
+
+    have = [r for r in results if r.get("fd") is not None and r.get("features") and (out / r["features"]).is_file()]
+    teacher = [r for r in have if r["method"] in ("fewstep", "diffusers", "teacher-best")]
+    students = [r for r in have if r["method"] == "student"]
+    pairs = []
+    if teacher:
+        best = min(teacher, key=lambda r: r["fd"])
+        pairs += [(s, best) for s in students]
+    pairs += [(a, b) for i, a in enumerate(students) for b in students[i + 1:] if a["nfe"] == b["nfe"]
+              and a["name"] != b["name"]]
+    rows = []
+    for a, b in pairs:
+        fa, fb = (np.load(out / r["features"]).astype(np.float64) for r in (a, b))
+        paired = bool(a.get("paired", True) and b.get("paired", True) and len(fa) == len(fb))
+        d, lo, hi = M.fd_difference(fa, fb, ref, paired=paired)
+        verdict = "a lower" if hi < 0 else ("b lower" if lo > 0 else "not resolved")
+        rows.append({"a": a["label"], "b": b["label"], "fd_a": a["fd"], "fd_b": b["fd"], "ratio": a["fd"] / b["fd"],
+                     "difference": d, "lo": lo, "hi": hi, "paired": paired, "verdict": verdict})
+    return rows
 
 
 def quality_curve(model: str | Path) -> list[tuple[float, float]]:
@@ -652,9 +698,9 @@ CSV_FIELDS = ["label", "method", "name", "spacing", "steps", "nfe", "guidance", 
               "peak_rss_mb", "train_seconds", "feature_accuracy", "floor"]
 
 
-def _write_csv(path: Path, results: list[dict[str, Any]]) -> None:
+def _write_csv(path: Path, results: list[dict[str, Any]], fields: list[str] | None = None) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=fields or CSV_FIELDS, extrasaction="ignore")
     w.writeheader()
     for r in results:
         w.writerow({k: json.dumps(v) if isinstance(v, (dict, list, tuple)) else v for k, v in r.items()})

@@ -97,6 +97,22 @@ def _curves_html(data: bytes | None, metric: str) -> str:
             f'<div class="plots">{_img(data, "quality while training", "plot")}</div>')
 
 
+def _diffs_html(diffs: list[dict[str, Any]]) -> str:
+    if not diffs:
+        return ""
+    head = "".join(f"<th>{c}</th>" for c in ("a", "b", "FD a", "FD b", "a / b", "FD a - FD b", "90% interval",
+                                               "bootstrap", "verdict"))
+    body = "\n".join(
+        f"<tr><td>{html.escape(d['a'])}</td><td>{html.escape(d['b'])}</td><td>{_num(d['fd_a'])}</td>"
+        f"<td>{_num(d['fd_b'])}</td><td>{_num(d['ratio'], 3)}</td><td>{_num(d['difference'], 3)}</td>"
+        f"<td>{d['lo']:.3g} to {d['hi']:.3g}</td><td>{'paired' if d['paired'] else 'unpaired'}</td>"
+        f"<td>{html.escape(d['verdict'])}</td></tr>" for d in diffs)
+    return ("<h2>Differences</h2><p>FD of row a minus FD of row b with a 90% bootstrap interval (bias-corrected); "
+            "paired rows share each sample's noise and label, so the same resampled indices are used for both; a "
+            "difference is resolved when its interval excludes 0. Every student against the teacher's best row, and "
+            f"every two students at one NFE.</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+
 def _img(data: bytes, alt: str, cls: str = "") -> str:
     return f'<img class="{cls}" alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
@@ -112,8 +128,10 @@ def _num(v: Any, digits: int = 4) -> str:
 
 
 def write_report(out: Path, name: str, results: list[dict[str, Any]], teacher: dict[str, Any],
-                 curves: dict[str, list[tuple[float, float]]] | None = None) -> Path:
-    """``curves``: student name -> (distillation seconds, train-split quality) logged while it trained."""
+                 curves: dict[str, list[tuple[float, float]]] | None = None,
+                 diffs: list[dict[str, Any]] | None = None) -> Path:
+    """``curves``: student name -> (distillation seconds, train-split quality) logged while it trained; ``diffs``:
+    FD differences between rows with their bootstrap intervals (bench.compare_rows)."""
     out = Path(out)
     metric = "fd" if any(r.get("fd") is not None for r in results) else "swd"
     plots = {f"{metric}_vs_{x}.png": plot(results, metric, x) for x in ("nfe", "time")}
@@ -173,6 +191,7 @@ best timestep spacing. Wall time is this machine's and noisy; compare within a t
 <table id="results"><thead><tr>{head}</tr></thead><tbody>
 {chr(10).join(body)}
 </tbody></table>
+{_diffs_html(diffs or [])}
 <script>
 window.addEventListener("load", () => {{
   const imgs = [...document.images];

@@ -63,6 +63,8 @@ bench: $(STAMP)
 	$(PY) -m fewstep bench benchmarks/mnist.yaml
 	FS="$(abspath $(PY)) -m fewstep" bash benchmarks/students.sh mnist progressive consistency
 	$(PY) -m fewstep bench benchmarks/mnist.yaml
+	FS="$(abspath $(PY)) -m fewstep" OMP_NUM_THREADS=1 bash benchmarks/students.sh fashion
+	$(PY) -m fewstep bench benchmarks/fashion.yaml
 	$(PY) benchmarks/speed.py --json benchmarks/results/speed.json
 
 clean:

@@ -1,24 +1,48 @@
 #!/usr/bin/env bash
-# Distil the benchmark's students from a cached teacher (issue 4):  benchmarks/students.sh digits|mnist [METHOD ...]
+# Distil the benchmark's students from a cached teacher (issues 4, 13):
+#   benchmarks/students.sh digits|mnist|fashion [METHOD ...]
 # Each student goes to benchmarks/cache/students/<data>-<method>/student (earlier stages beside it); a second run
 # resumes an interrupted distillation or skips a finished one.  The bench configs list these folders.
 set -euo pipefail
 cd "$(dirname "$0")"
 FS=${FS:-../.venv/bin/python -m fewstep}
-DATA=${1:?usage: students.sh digits|mnist [METHOD ...]}
+DATA=${1:?usage: students.sh digits|mnist|fashion [METHOD ...]}
 shift
 TEACHER=cache/$DATA-teacher
 [ "$DATA" = mnist ] && TEACHER=cache/mnist-teacher-tiny28
+[ "$DATA" = fashion ] && TEACHER=teachers/fashion-tiny28  # committed: every session distils the same teacher
 [ -f "$TEACHER/config.json" ] || { echo "no teacher in $TEACHER: run fewstep bench $DATA.yaml first"; exit 2; }
 METHODS=("$@")
 [ ${#METHODS[@]} -gt 0 ] || METHODS=(progressive guided consistency reflow ct)
 
-distill() {  # distill METHOD ARGS...
+distill_as() {  # distill_as NAME METHOD ARGS...: into cache/students/<data>-NAME
   local out=cache/students/$DATA-$1 resume=()
   [ -d "$out" ] && resume=(--resume)
-  echo "== $DATA $1 -> $out"
-  $FS distill --method "$1" --out "$out" "${@:2}" "${resume[@]}"
+  echo "== $DATA $1 ($2) -> $out"
+  $FS distill --method "$2" --out "$out" "${@:3}" "${resume[@]}"
 }
+distill() { distill_as "$1" "$@"; }  # distill METHOD ARGS...
+
+if [ "$DATA" = fashion ]; then  # issue 13's one-step methods; one thread each (OMP_NUM_THREADS=1)
+  [ ${#@} -gt 0 ] || METHODS=(cgan dmd2 boot consistency progressive dmd2-2 dmd2-4)
+  for m in "${METHODS[@]}"; do
+    case $m in
+      # the GAN baseline: no teacher; at least as many generator updates and as much time as dmd2 gets
+      cgan) distill_as cgan gan --data fashion --iters 6000 --set width=32 --set eval_every=1500 --set eval_n=1000 ;;
+      dmd2) distill dmd2 --teacher "$TEACHER" --guidance 2 --steps 1 --iters 1500 --set eval_every=300 \
+              --set eval_n=1000 ;;
+      dmd2-[24]) distill_as "$m" dmd2 --teacher "$TEACHER" --guidance 2 --steps "${m#dmd2-}" --iters 1500 \
+                   --set eval_every=300 --set eval_n=1000 ;;
+      boot) distill boot --teacher "$TEACHER" --guidance 2 --iters 1500 --set eval_every=300 --set eval_n=1000 ;;
+      consistency) distill consistency --teacher "$TEACHER" --guidance 2 --steps 1 --reparam-iters 300 --iters 1500 \
+                     --teacher-steps 50 --lr 5e-4 --set eval_every=300 --set eval_n=1000 ;;
+      progressive) distill progressive --teacher "$TEACHER" --guidance 2 --start-steps 8 --steps 1 --iters 300 \
+                     --lr 5e-4 ;;
+      *) echo "students.sh: no fashion settings for $m"; exit 2 ;;
+    esac
+  done
+  exit 0
+fi
 
 if [ "$DATA" = mnist ]; then  # a 28x28 teacher step costs ~10x a digits one: smaller budgets, two methods
   for m in "${METHODS[@]}"; do

@@ -73,7 +73,11 @@ def main() -> None:
                 str(native))
     if not (pipe / "model_index.json").is_file():
         fewstep("export", str(native), str(pipe), threads=False)
-    sched = json.loads((pipe / "scheduler" / "scheduler_config.json").read_text())
+    sched_file = pipe / "scheduler" / "scheduler_config.json"
+    sched = json.loads(sched_file.read_text())
+    if sched.get("timestep_spacing") != "leading":  # as the hub's DDPMPipeline checkpoints (google/ddpm-*): leading
+        sched["timestep_spacing"] = "leading"
+        sched_file.write_text(json.dumps(sched, indent=2) + "\n")
     assert sched["_class_name"] == "DDPMScheduler" and sched.get("clip_sample") is True, sched
     assert sched.get("beta_schedule") == "linear" and sched.get("prediction_type") == "epsilon", sched
     assert sched.get("timestep_spacing", "leading") == "leading", sched

@@ -54,3 +54,29 @@ def test_boot_cli_needs_no_data_and_never_loads_any(fx, tmp_path, monkeypatch):
     x = generate(s, s.config.sampling.sampler, resolve_timesteps(s), 10, seed=0, labels=torch.arange(10)).x
     assert x.shape == (10, 1, 8, 8) and torch.isfinite(x).all()
     assert (tmp_path / "b" / "distill.json").is_file()
+
+
+def test_boot_target_is_one_step_of_the_teachers_clipping_ddim(fx):
+    """The bootstrap target is exactly the signal after one step of the sampler the teacher runs: fewstep's (and
+    diffusers') DDIM with clip_sample, x0 clipped and the raw eps kept."""
+    from fewstep.distill.boot import Boot
+    from fewstep.samplers import SAMPLERS, SamplerOptions
+    from fewstep.samplers.guidance import guide
+
+    t = load_model(fx.model)
+    assert t.config.x0_clip() is not None  # an image teacher records clip_sample: true
+    boot = Boot(t.denoiser, t.config, grid=8, guidance=2.0)
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(6, *t.sample_shape, generator=g)
+    y_t = 3 * torch.randn(6, *t.sample_shape, generator=g)  # far outside [-1, 1]: the clip matters
+    labels = torch.arange(6)
+    sig = t.denoiser.schedule.sigma(torch.tensor([874.125, 749.25], dtype=torch.float64))
+    target = boot.teacher_step(y_t, eps, sig[0].expand(6), sig[1].expand(6), labels)
+    x_t = y_t + sig[0] * eps
+    den = guide(t.denoiser, 2.0, t.config.null_class)
+    x_s = SAMPLERS["ddim"].fn(den, (x_t / (1 + sig[0] ** 2).sqrt()).float(), sig, labels,
+                              SamplerOptions(clip_x0=t.config.x0_clip()))
+    assert torch.allclose(target, x_s - sig[1] * eps, atol=1e-4), (target - (x_s - sig[1] * eps)).abs().max()
+    unclipped = boot.teacher_step(y_t, eps, sig[0].expand(6), sig[1].expand(6), labels)
+    boot.clip = None
+    assert not torch.allclose(unclipped, boot.teacher_step(y_t, eps, sig[0].expand(6), sig[1].expand(6), labels))

@@ -7,7 +7,10 @@ deterministic DDIM path from that noise: y_t = (z_t - s_t eps) / a_t, i.e. y_t =
 form (x_t = z_t / a_t).  y_0 is the sample, so one evaluation g(eps, 0) generates.
 
 - Signal-ODE, discretized as DDIM: one exact DDIM step of the teacher from t to s < t moves the signal by
-  y_s = y_t + d (x-hat(x_t, t) - y_t), d = 1 - sigma_s / sigma_t, with x_t = y_t + sigma_t eps.
+  y_s = y_t + d (x-hat(x_t, t) - y_t), d = 1 - sigma_s / sigma_t, with x_t = y_t + sigma_t eps.  A teacher whose
+  scheduler clips x0 (``clip_sample``, thresholding: diffusers' DDPM pipelines) is followed the way its DDIM runs:
+  x0 clipped, the raw eps kept, so y_s = clip(x-hat) + (sigma_s / sigma_t) (y_t - x-hat) (ours: the paper's
+  teachers do not clip; without it an eps teacher's wild x-hat at high noise enters every target).
 - Bootstrapping: on the teacher's DDIM grid t_n = (T-1) n / N (N = ``grid_steps``), n ~ U{1..N}: the target is one
   teacher step applied to the student's own prediction at the neighbouring, noisier time, under stop-gradient,
   sg[y^_t + d (x-hat(y^_t + sigma_t eps, t) - y^_t)] with y^_t = g(eps, t_n); the loss is
@@ -56,6 +59,7 @@ class Boot:
         self.student = copy.deepcopy(teacher.net).requires_grad_(True)
         self.grid = grid
         self.base_config = config
+        self.clip = config.x0_clip()  # the teacher's DDIM clips x0 (clip_sample / thresholding): its path does too
         self.conditional = bool(config.num_classes)
 
     def networks(self) -> Networks:
@@ -67,6 +71,17 @@ class Boot:
     def signal(self, eps: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """g(eps, t): the student's signal at (fractional) timesteps ``t``."""
         return self.student(eps, t.to(eps.dtype), labels if self.conditional else None)
+
+    @torch.no_grad()
+    def teacher_step(self, y_t: torch.Tensor, eps: torch.Tensor, sig_t: torch.Tensor, sig_s: torch.Tensor,
+                     labels: torch.Tensor | None) -> torch.Tensor:
+        """The signal after one DDIM step of the (guided) teacher from sigma_t to sigma_s on the path of noise
+        ``eps``: x-hat + (sigma_s / sigma_t) (y_t - x-hat), with x-hat clipped where the teacher's DDIM clips it
+        (the raw eps kept, as diffusers does); without clipping this is y_t + d (x-hat - y_t)."""
+        x_t = y_t + bcast(sig_t, eps).to(y_t.dtype) * eps
+        x_hat = self.real(x_t, sig_t, labels).x0
+        r = bcast(sig_s / sig_t, eps).to(y_t.dtype)
+        return (self.clip(x_hat) if self.clip is not None else x_hat) + r * (y_t - x_hat)
 
     def phases(self) -> list[Phase]:
         sched = self.teacher.schedule
@@ -86,10 +101,8 @@ class Boot:
                 y_known = eps * (start - sigma_T)  # the signal at T: x_T - sigma_T eps
                 known = (n == self.grid).view(-1, *[1] * (eps.dim() - 1))
                 y_t = torch.where(known, y_known, self.signal(eps, t.to(device), y))
-                x_t = y_t + bcast(sig_t, eps).to(dtype) * eps
-                x_hat = self.real(x_t, sig_t, y).x0
-                d = (1 - sig_s / sig_t).to(dtype)
-                target = y_t + bcast(d, eps) * (x_hat - y_t)
+                target = self.teacher_step(y_t, eps, sig_t, sig_s, y)
+            d = (1 - sig_s / sig_t).to(dtype)
             pred = self.signal(eps, s.to(device), y)
             return (pred.float() - target.float()).pow(2).flatten(1).mean(1) / d.float().pow(2)
 

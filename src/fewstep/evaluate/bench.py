@@ -594,8 +594,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
         _write_csv(out / "comparisons.csv", diffs, list(diffs[0]))
     teacher_info = {"folder": str(folder), "training": teacher.config.training, "data": cfg.data,
                     "guidance": cfg.guidance, "n": n}
-    curves = {s["name"]: quality_curve(s["model"]) for s in cfg.students if ready(Row("student", s["name"],
-                                                                                       model=s["model"]))}
+    curves = {Row("student", s["name"], steps=s.get("steps") if isinstance(s.get("steps"), int) else None).label:
+              quality_curve(s["model"]) for s in cfg.students if ready(Row("student", s["name"], model=s["model"]))}
     return write_report(out, cfg.name, results, teacher_info, {k: v for k, v in curves.items() if v}, diffs)
 
 

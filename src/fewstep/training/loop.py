@@ -508,6 +508,10 @@ def check_config(cfg: TrainConfig, world: int) -> None:
                            f"{world} x {cfg.grad_accum}: choose a multiple of {world * cfg.grad_accum}")
 
 
+def _cuda_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
 def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: TrainConfig, out: Path,
           resume: bool = False, quality: QualityFn | None = None) -> TrainResult:
     """Run ``method`` for ``cfg.steps`` steps on ``data = (x, labels or None)``; write checkpoints and the model
@@ -710,7 +714,8 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
         def measure_quality(step: int) -> dict[str, Any]:
             figures: list[Any] = [None]
             if acc.is_main_process:
-                with tempfile.TemporaryDirectory(prefix="fewstep-quality-") as tmp:
+                with tempfile.TemporaryDirectory(prefix="fewstep-quality-") as tmp, \
+                        torch.random.fork_rng(devices=_cuda_devices()):  # loading a model draws from the global RNG
                     folder = Path(tmp) / "model"
                     method.save_model(folder, ema.module, {"method": method.name, "steps": step})
                     figures[0] = {f"quality/{k}": v for k, v in quality(folder, step).items()}

@@ -604,7 +604,11 @@ def prepare(recipe: Recipe, resolved: Resolved, out: Path, teacher: Path | None 
         if not dataset:
             raise FewstepError("eval_every measures FD against a dataset and this run has none: pass --data (used for "
                                "the measurement only)")
-        ctx.quality = quality(dataset, resolved.loop.eval_n)
+        import torch
+
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):  # a feature network trained here seeds the global RNG
+            ctx.quality = quality(dataset, resolved.loop.eval_n)
     return ctx
 
 

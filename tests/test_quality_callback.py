@@ -37,7 +37,7 @@ def test_quality_is_logged_at_its_steps_outside_the_training_time_and_changes_no
     def slow_quality(folder, step):
         assert (folder / "config.json").is_file()  # a model folder of the current EMA weights
         calls.append(step)
-        time.sleep(0.4)
+        time.sleep(0.6)
         return {"fd": float(step)}
 
     with_q = distill("gan", _gan_ctx(tmp_path / "q", eval_every=10, quality=slow_quality))
@@ -46,10 +46,10 @@ def test_quality_is_logged_at_its_steps_outside_the_training_time_and_changes_no
     rows = _rows(with_q.student)
     logged = {r["step"]: r["quality/fd"] for r in rows if "quality/fd" in r}
     assert logged == {10: 10.0, 20: 20.0, 30: 30.0}
-    assert all(r["quality/seconds"] >= 0.4 for r in rows if "quality/fd" in r)
-    # the three 0.4 s measurements (1.2 s) are not in the training time: it is the time of the same run without them
+    assert all(r["quality/seconds"] >= 0.6 for r in rows if "quality/fd" in r)
+    # the three 0.6 s measurements (1.8 s) are not in the training time: it is the time of the same run without them
     plain = _rows(without.student)[-1]["time"]
-    assert rows[-1]["time"] < plain + 0.8 and with_q.wall_seconds < without.wall_seconds + 0.8, (rows[-1], plain)
+    assert rows[-1]["time"] < plain + 1.0 and with_q.wall_seconds < without.wall_seconds + 1.0, (rows[-1], plain)
     from fewstep.evaluate.bench import quality_curve
     from fewstep.evaluate.report import plot_curves
 

@@ -36,5 +36,12 @@ def distill_model(method: str, out: str | Path, *, teacher: str | Path | None = 
     does.  ``options`` are the method's and the loop's options by name (``steps=1, iters=500, lr=5e-4``); values
     in the YAML file ``config`` sit below them.  An unknown name raises FewstepError listing the method's."""
     return start("distill", method, Path(out), teacher=None if teacher is None else Path(teacher), data=data,
-                 config=None if config is None else Path(config), values=options, resume=resume, progress=progress)
+                 config=None if config is None else Path(config), values=options, resume=resume, progress=progress,
+                 quality=_train_quality)
+
+
+def _train_quality(dataset: str, n: int):  # noqa: ANN202 - the loop's quality callback (eval_every), as the CLI's
+    from fewstep.evaluate.runner import train_quality
+
+    return train_quality(dataset, n)
 

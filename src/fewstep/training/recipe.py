@@ -602,8 +602,8 @@ def prepare(recipe: Recipe, resolved: Resolved, out: Path, teacher: Path | None 
             raise FewstepError("eval_every needs a quality measure: the caller passes one (fewstep distill does)")
         dataset = ctx.data_name or (ctx.teacher.config.data if ctx.teacher is not None else None)
         if not dataset:
-            raise FewstepError("eval_every measures FD against a dataset and this run has none: pass --data (used for "
-                               "the measurement only)")
+            raise FewstepError("eval_every measures FD against the training data's train split, and neither this run "
+                               "nor its teacher records a dataset: drop eval_every")
         import torch
 
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []

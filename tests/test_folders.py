@@ -227,7 +227,8 @@ DIFFUSERS_BREAKAGES = {
     "not a DDPM-family scheduler": (lambda p: _edit_json(p / "scheduler" / "scheduler_config.json",
                                                          _class_name="ScoreSdeVeScheduler"), "ScoreSdeVeScheduler"),
     "UNet config that does not fit the weights": (
-        lambda p: _edit_json(p / "unet" / "config.json", block_out_channels=[16, 64]), "does not fit .*restore the folder"),
+        lambda p: _edit_json(p / "unet" / "config.json", block_out_channels=[16, 64]),
+        "does not fit .*restore the folder"),
 }
 
 

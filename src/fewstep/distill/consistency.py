@@ -150,7 +150,7 @@ def consistency_stages(ctx: RunContext) -> Path:
     init = None
     if model.config.prediction != "v" or w_range or (guidance != 1.0 and model.config.null_class is not None):
         stage = Reparameterize(model.denoiser, model.config, guidance, w_range)
-        init = load_model(ctx.stage(stage, "round_reparam", o.reparam_iters)).denoiser
+        init = load_model(ctx.stage(stage, "round_reparam", o.reparam_iters, measure=False)).denoiser
     # the ODE steps are the teacher's own (guided) predictions, as in LCM; the re-parameterized copy is only the
     # student's initialization (a v network whose 1-step output is already close to the guided teacher's x0)
     method = ConsistencyDistill(model.denoiser, model.config, o.steps, o.teacher_steps, o.loss, o.ema_target,

@@ -311,7 +311,7 @@ def dmd2_stages(ctx: RunContext) -> Path:
     if model.config.prediction == "eps":
         stage = Reparameterize(model.denoiser, model.config, o.guidance)
         iters = o.reparam_iters or max(1, ctx.iters // o.fake_updates)
-        init = load_model(ctx.stage(stage, "round_reparam", iters)).denoiser
+        init = load_model(ctx.stage(stage, "round_reparam", iters, measure=False)).denoiser
     method = DMD2(model.denoiser, model.config, init, o.steps, o.guidance, o.fake_updates, o.gan, o.gan_g, o.gan_d,
                   seed=ctx.train_config.seed)
     if o.gan and not method.gan and is_main():

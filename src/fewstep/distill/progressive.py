@@ -244,7 +244,7 @@ def progressive_stages(ctx: RunContext, steps: int, start_steps: int, guidance: 
     if model.config.prediction != "v" or w_range:
         stage = Reparameterize(model.denoiser, model.config, guidance, w_range)
         # the guidance is now baked in (or an input)
-        model, guidance = load_model(ctx.stage(stage, "round_reparam", reparam_iters)), 1.0
+        model, guidance = load_model(ctx.stage(stage, "round_reparam", reparam_iters, measure=False)), 1.0
     n = start_steps
     while True:
         name = STUDENT if n == steps else f"round_{n}"

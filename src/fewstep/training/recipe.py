@@ -422,9 +422,11 @@ class RunContext:
         return self.out / f"{self.kind}.json"
 
     def stage(self, method: Method, name: str, iters: int | None = None,
-              data: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Path:
+              data: tuple[torch.Tensor, torch.Tensor | None] | None = None, measure: bool = True) -> Path:
         """Train ``method`` for ``iters`` (default: the run's iters) steps on ``data`` (default: the dataset) into
-        ``out/name``; skip it when a resumed run already finished it.  Returns the stage folder (a model folder)."""
+        ``out/name``; skip it when a resumed run already finished it.  Returns the stage folder (a model folder).
+        ``measure=False``: no quality figures for this stage (a re-parameterized teacher copy, which would be sampled
+        at the teacher's many steps and is not a student)."""
         from fewstep.training.loop import resume_point, train
 
         run = self.train_fn or train
@@ -437,13 +439,13 @@ class RunContext:
             saved = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
             # unfinished, or finished but killed between the checkpoint and the model folder: the loop completes it
             if state.step < state.config.steps or saved.get("training", {}).get("steps") != state.step:
-                run(method, data or self.data, cfg, folder, resume=True, **self._quality())
+                run(method, data or self.data, cfg, folder, resume=True, **self._quality(measure))
         else:
             if self.resume and folder.exists():  # started but never checkpointed: nothing worth keeping
                 if is_main():
                     shutil.rmtree(folder)
                 barrier()
-            run(method, data or self.data, cfg, folder, **self._quality())
+            run(method, data or self.data, cfg, folder, **self._quality(measure))
         config = read_json(folder / "config.json", "stage config")
         self.stages.append({"stage": name, "method": method.name,
                             "wall_seconds": config.get("training", {}).get("wall_seconds")})
@@ -454,8 +456,8 @@ class RunContext:
         barrier()
         return folder
 
-    def _quality(self) -> dict[str, Any]:
-        return {"quality": self.quality} if self.quality is not None else {}
+    def _quality(self, measure: bool = True) -> dict[str, Any]:
+        return {"quality": self.quality} if self.quality is not None and measure else {}
 
     def total_seconds(self) -> float:
         return round(sum(s["wall_seconds"] or 0.0 for s in self.stages), 1)

@@ -267,7 +267,8 @@ OWN_BAD = {
     "dmd2": {"steps": ["0", "-1", "17", "1.5"], "fake_updates": ["0", "-1", "abc"], "gan": ["maybe", "2"],
              "gan_g": ["nan", "-1", "inf"], "gan_d": ["-0.5", "nan"], "guidance": ["nan", "-1"],
              "reparam_iters": ["0"]},
-    "boot": {"grid_steps": ["0", "-1", "1000", "abc", "1e9"], "guidance": ["nan", "-1", "inf"]},
+    "boot": {"grid_steps": ["0", "-1", "1000", "abc", "1e9"], "guidance": ["nan", "-1", "inf"],
+             "weighting": ["x", "d3", "1"]},
 }
 for method, opts in OWN_BAD.items():
     for key, values in opts.items():

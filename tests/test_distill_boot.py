@@ -80,3 +80,35 @@ def test_boot_target_is_one_step_of_the_teachers_clipping_ddim(fx):
     unclipped = boot.teacher_step(y_t, eps, sig[0].expand(6), sig[1].expand(6), labels)
     boot.clip = None
     assert not torch.allclose(unclipped, boot.teacher_step(y_t, eps, sig[0].expand(6), sig[1].expand(6), labels))
+
+
+def test_boot_student_starts_at_zero_and_weights_by_z_space(fx):
+    """zero_out: the student's first output is 0 for every noise and time (not the teacher's eps-shaped output,
+    which the bootstrap would have to unlearn); the default weighting z-d2 is the paper's 1/d^2 times a_s^2 =
+    1 / (1 + sigma_s^2), the error measured in the VP state z_s = a_s (y_s + sigma_s eps)."""
+    from fewstep.distill.boot import Boot
+    from fewstep.training.method import StepContext
+
+    t = load_model(fx.model)
+    boot = Boot(t.denoiser, t.config, grid=8, guidance=2.0, zero_out=True)
+    eps = torch.randn(5, *t.sample_shape, generator=torch.Generator().manual_seed(1))
+    out = boot.signal(eps, torch.tensor([0.0, 100.0, 400.0, 800.0, 999.0]), torch.arange(5))
+    assert out.abs().max() == 0
+    assert boot.signal(eps, torch.full((5,), 500.0), torch.arange(5)).abs().max() == 0
+    plain = Boot(t.denoiser, t.config, grid=8, guidance=2.0, zero_out=False)
+    assert plain.signal(eps, torch.full((5,), 500.0), torch.arange(5)).abs().max() > 0.1
+
+    batch = (torch.zeros(64, *t.sample_shape), torch.arange(64) % 10)
+    losses = {}
+    for w in ("d2", "z-d2"):
+        b = Boot(t.denoiser, t.config, grid=8, guidance=2.0, weighting=w)
+        b.student.load_state_dict(plain.student.state_dict())
+        b.student.eval()  # no dropout: the two losses see the same network
+        ctx = StepContext(step=0, gen=torch.Generator().manual_seed(3))
+        losses[w] = b.phases()[0].loss(batch, ctx).detach()
+    gen = torch.Generator().manual_seed(3)
+    torch.randn(64, *t.sample_shape, generator=gen)
+    n = torch.randint(1, 9, (64,), generator=gen).double()
+    sig_s = t.denoiser.schedule.sigma(999 * (n - 1) / 8).float()
+    assert torch.allclose(losses["z-d2"], losses["d2"] / (1 + sig_s**2), rtol=1e-4)
+    assert not torch.allclose(losses["z-d2"], losses["d2"])

@@ -74,3 +74,21 @@ def test_distill_cli_writes_a_student_that_samples_with_no_flags(tmp_path):
     other = r.invoke(app, ["distill", "--teacher", str(tmp_path / "t"), "--out", str(tmp_path / "s"), "--steps", "1",
                            "--start-steps", "2", "--iters", "6", "--batch", "32", "--resume"])
     assert other.exit_code == 2 and "other settings (iters)" in other.output, other.output
+
+
+def test_quality_figures_skip_the_reparameterization_stage(gmm_teacher, tmp_path):
+    """eval_every measures students, not the eps -> v copy of the teacher (sampled at the teacher's many steps)."""
+    ds = load_dataset("gmm", "train")
+    measured = {}
+
+    def recording_train(method, data, cfg, out, resume=False, quality=None):
+        measured[out.name] = quality is not None
+        return train(method, data, cfg, out, resume=resume)
+
+    ctx = DistillContext(load_model(gmm_teacher), gmm_teacher, (ds.x, None), "gmm", tmp_path / "pd",
+                         DistillOptions(steps=1, start_steps=2, iters=3),
+                         TrainConfig(batch=16, warmup=0, ckpt_every=10**6, progress=False), train_fn=recording_train,
+                         quality=lambda folder, step: {"swd": 0.0})
+    distill("progressive", ctx)
+    assert measured.pop("round_reparam") is False
+    assert measured and all(measured.values()), measured  # every student round is measured

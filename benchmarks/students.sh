@@ -17,6 +17,12 @@ METHODS=("$@")
 
 distill_as() {  # distill_as NAME METHOD ARGS...: into cache/students/<data>-NAME
   local out=cache/students/$DATA-$1 resume=()
+  # a student committed to benchmarks/students/ (its run folder without checkpoints) is reused, not distilled again
+  if [ ! -d "$out" ] && [ -f "students/$DATA-$1/student/config.json" ]; then
+    mkdir -p cache/students && cp -r "students/$DATA-$1" "$out"
+    echo "== $DATA $1: the committed run in students/$DATA-$1"
+    return 0  # finished; it has no checkpoints, so --resume would start it again
+  fi
   [ -d "$out" ] && resume=(--resume)
   echo "== $DATA $1 ($2) -> $out"
   $FS distill --method "$2" --out "$out" "${@:3}" "${resume[@]}"
@@ -24,11 +30,15 @@ distill_as() {  # distill_as NAME METHOD ARGS...: into cache/students/<data>-NAM
 distill() { distill_as "$1" "$@"; }  # distill METHOD ARGS...
 
 if [ "$DATA" = fashion ]; then  # issue 13's one-step methods; one thread each (OMP_NUM_THREADS=1)
-  [ ${#@} -gt 0 ] || METHODS=(cgan dmd2 boot consistency progressive dmd2-2 dmd2-4)
+  # Measured rates on one thread (2026-12-02, the other core busy): dmd2 --steps 1 0.30-0.35 it/s (1,500 iterations
+  # ~75 min, plus 300 eps -> v iterations at 0.73 it/s), gan width 32 2.8 it/s, boot 0.57, consistency 0.57 (+ its
+  # eps -> v stage), progressive 0.69 a stage.  All of it is about 8 core-hours: two jobs at a time, several sessions.
+  [ ${#@} -gt 0 ] || METHODS=(dmd2 cgan boot consistency progressive dmd2-2 dmd2-4)
   for m in "${METHODS[@]}"; do
     case $m in
-      # the GAN baseline: no teacher; at least as many generator updates and as much time as dmd2 gets
-      cgan) distill_as cgan gan --data fashion --iters 6000 --set width=32 --set eval_every=1500 --set eval_n=1000 ;;
+      # the GAN baseline: no teacher; at least as many generator updates (2,800 vs 300) and as much wall time as
+      # dmd2 gets (14,000 iterations at 2.8 it/s: ~83 min)
+      cgan) distill_as cgan gan --data fashion --iters 14000 --set width=32 --set eval_every=3500 --set eval_n=1000 ;;
       dmd2) distill dmd2 --teacher "$TEACHER" --guidance 2 --steps 1 --iters 1500 --set eval_every=300 \
               --set eval_n=1000 ;;
       dmd2-[24]) distill_as "$m" dmd2 --teacher "$TEACHER" --guidance 2 --steps "${m#dmd2-}" --iters 1500 \

@@ -189,7 +189,7 @@ class GANOptions(Options):
     n_dis: int = opt(5, "discriminator updates per generator update", ge=1, le=1000)
     loss: str = opt("hinge", "hinge (SNGAN, projection cGAN) or ns (non-saturating, the original GAN's)")
     info_weight: float = opt(1.0, "infogan: weight lambda of the mutual-information term", ge=0)
-    width: int = opt(64, "channels of the networks' first level (2x and 4x deeper)", ge=4, le=1024)
+    width: int = opt(64, "image data: channels of the networks' first level (2x and 4x deeper)", ge=4, le=1024)
     z_dim: int = opt(128, "latent dimensions the generator reads (the first entries of the noise)", ge=1,
                      le=2**20)
     steps: int = opt(1, "sampling steps: a GAN samples in one step", ge=1, le=1)
@@ -226,6 +226,9 @@ def gan_stages(ctx: RunContext) -> Path:
                            f"{shape[1]}x{shape[2]}: pass --resolution {max(4, round(shape[1] / 4) * 4)}")
     if len(shape) not in (1, 3):
         raise FewstepError(f"a GAN needs images (C, H, W) or vectors (D,), the data has samples of shape {shape}")
+    if len(shape) == 1 and o.width != GANOptions.width:
+        raise FewstepError(f"width {o.width} sets the image networks' channels; on vector data the GAN's MLPs have 256 "
+                           "hidden units: drop --set width")
     classes = int(y.max()) + 1 if y is not None and len(y) else 0
     from fewstep.data.datasets import dataset_info
 

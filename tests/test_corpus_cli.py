@@ -323,9 +323,6 @@ case("distill gan cgan on unlabelled data",
      lambda t, f: ["distill", "--method", "gan", "--data", "moons", "--set", "variant=cgan", "--iters", "2", "--out",
                    str(t / "d")], "labelled data")
 case("distill gan --guidance", lambda t, f: _gan(t, "--guidance", "2"), "guidance")
-case("distill gan --set width on vector data",
-     lambda t, f: ["distill", "--method", "gan", "--data", "gmm", "--set", "width=32", "--iters", "2", "--out",
-                   str(t / "d")], "vector data")
 case("distill gan eval_n above the train split", lambda t, f: _gan(t, "--set", "eval_every=1", "--set",
                                                                    "eval_n=5000"), "eval_n")
 case("sample --code on a model without codes",

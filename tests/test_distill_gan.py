@@ -55,7 +55,7 @@ def test_generator_config_is_checked():
 
 
 def test_cgan_learns_the_classes_of_the_mixture(tmp_path):
-    g = _gan(tmp_path, "c", GANOptions(n_dis=1, width=16))
+    g = _gan(tmp_path, "c", GANOptions(n_dis=1))
     assert g.config.num_classes == 8 and g.config.training["variant"] == "cgan" and g.config.prediction == "gan"
     labels = torch.arange(2000) % 8
     x = generate(g, g.config.sampling.sampler, resolve_timesteps(g), 2000, seed=0, labels=labels).x
@@ -75,11 +75,11 @@ def _code_mode_information(g) -> float:
 
 
 def test_infogan_code_controls_the_mode_and_sample_code_picks_it(tmp_path):
-    g = _gan(tmp_path, "i", GANOptions(variant="infogan", codes=8, n_dis=1, width=16), labels=False)
+    g = _gan(tmp_path, "i", GANOptions(variant="infogan", codes=8, n_dis=1), labels=False)
     assert g.config.num_classes == 0 and g.config.training["codes"] == 8
     # the mutual-information term is what ties the code to the mode: measured 2.08 (= log 8), 0.73 with
     # info_weight=0 and 0.001 untrained (the untrained generator puts every code in the same mode)
-    off = _gan(tmp_path, "off", GANOptions(variant="infogan", codes=8, n_dis=1, width=16, info_weight=0.0),
+    off = _gan(tmp_path, "off", GANOptions(variant="infogan", codes=8, n_dis=1, info_weight=0.0),
                labels=False)
     assert _code_mode_information(g) > 1.7 > 1.2 > _code_mode_information(off)
     out = tmp_path / "code3.npy"

@@ -27,7 +27,7 @@ Where ours differs, and why: InfoGAN here uses SNGAN's discriminator, hinge loss
 Adam beta1 0.5, no spectral norm, is less stable and would make a weaker baseline) and only the categorical code (no
 continuous codes); the generators normalize with GroupNorm instead of BatchNorm (see the generator's docstring).
 The discriminator is SNGAN's standard CNN (3x3 and 4x4-stride-2 convolutions, leaky ReLU 0.1) sized like the
-generator (widths w, 2w, 4w), a residual MLP on vector data.
+generator (widths w, 2w, 4w), a residual MLP (4w hidden units) on vector data.
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ class GAN:
         with torch.random.fork_rng(devices=[]):  # initialization (and spectral norm's u, v) from the run's seed
             torch.manual_seed(seed)
             net = GANGenerator(list(shape), width=o.width, z_dim=o.z_dim, num_class_embeds=self.classes or None,
-                               codes=self.codes)
-            self.discriminator = Discriminator(self.shape, o.width, self.classes, self.codes)
+                               codes=self.codes, hidden=4 * o.width)  # vectors: MLPs of 4 x width hidden units
+            self.discriminator = Discriminator(self.shape, o.width, self.classes, self.codes, hidden=4 * o.width)
         self.generator = Denoiser(net, self.process.schedule(), "gan", self.classes, None)
 
     def networks(self) -> Networks:
@@ -189,7 +189,8 @@ class GANOptions(Options):
     n_dis: int = opt(5, "discriminator updates per generator update", ge=1, le=1000)
     loss: str = opt("hinge", "hinge (SNGAN, projection cGAN) or ns (non-saturating, the original GAN's)")
     info_weight: float = opt(1.0, "infogan: weight lambda of the mutual-information term", ge=0)
-    width: int = opt(64, "image data: channels of the networks' first level (2x and 4x deeper)", ge=4, le=1024)
+    width: int = opt(64, "channels of the networks' first level (2x and 4x deeper); on vector data the MLPs "
+                                "have 4 x width hidden units", ge=4, le=1024)
     z_dim: int = opt(128, "latent dimensions the generator reads (the first entries of the noise)", ge=1,
                      le=2**20)
     steps: int = opt(1, "sampling steps: a GAN samples in one step", ge=1, le=1)
@@ -210,7 +211,7 @@ class GANOptions(Options):
 
     @classmethod
     def for_tests(cls) -> GANOptions:
-        return cls(n_dis=1, width=16)
+        return cls(n_dis=1)  # the width the contract (2-D data: MLPs of 256 units) was measured at
 
 
 def gan_stages(ctx: RunContext) -> Path:
@@ -226,9 +227,6 @@ def gan_stages(ctx: RunContext) -> Path:
                            f"{shape[1]}x{shape[2]}: pass --resolution {max(4, round(shape[1] / 4) * 4)}")
     if len(shape) not in (1, 3):
         raise FewstepError(f"a GAN needs images (C, H, W) or vectors (D,), the data has samples of shape {shape}")
-    if len(shape) == 1 and o.width != GANOptions.width:
-        raise FewstepError(f"width {o.width} sets the image networks' channels; on vector data the GAN's MLPs have 256 "
-                           "hidden units: drop --set width")
     classes = int(y.max()) + 1 if y is not None and len(y) else 0
     from fewstep.data.datasets import dataset_info
 

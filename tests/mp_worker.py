@@ -5,7 +5,8 @@ gloo group, ``ACCELERATE_USE_CPU=true``) or plain ``python`` (one process).
 
 KIND ``pair``: a two-network method whose losses draw no randomness (each phase's loss flows through the other,
 frozen, network); ``teacher``: the DDPM teacher objective on the 2-D mixture.  Writes ``OUT/world.json`` with the
-world size and the loss history; ``--die-at`` ends the process abruptly (``os._exit``) after that step.
+world size and the loss history; ``--die-at`` ends the process abruptly (``os._exit``) after that step;
+``--quality-fails-at`` measures quality every 5 steps with a callback that raises from that step on.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def main() -> None:
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--die-at", type=int, default=None)
+    ap.add_argument("--quality-fails-at", type=int, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     method = Pair() if args.kind == "pair" else teacher()
@@ -91,11 +93,17 @@ def main() -> None:
             if step == args.die_at:
                 os._exit(17)  # no cleanup, no final checkpoint: as kill -9 would leave it
         method.after_step = after_step
+    quality = None
+    if args.quality_fails_at is not None:  # a quality measure (rank 0 only) that raises at that step
+        def quality(folder: Path, step: int) -> dict[str, float]:
+            if step >= args.quality_fails_at:
+                raise ValueError("the feature network is missing")
+            return {"fd": 1.0}
     x = load_dataset("gmm", "train").x[:4096]
     cfg = TrainConfig(steps=args.steps, batch=64, lr=1e-2 if args.kind == "pair" else 2e-3, warmup=5,
                       ckpt_every=args.ckpt_every, log_every=1, seed=args.seed, ema_decay=0.9,
-                      grad_accum=args.grad_accum, progress=False)
-    res = train(method, (x, None), cfg, args.out, resume=args.resume)
+                      grad_accum=args.grad_accum, progress=False, eval_every=5 if quality else None)
+    res = train(method, (x, None), cfg, args.out, resume=args.resume, quality=quality)
     import torch.distributed as dist
 
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -102,6 +102,16 @@ def test_two_process_run_killed_after_a_checkpoint_resumes_bitwise(tmp_path):
     assert res.returncode != 0 and "resume with the same process count" in res.stderr
 
 
+def test_a_failing_quality_measure_on_the_main_process_stops_every_rank(tmp_path):
+    """The quality callback runs on rank 0 while the others wait in a broadcast: when it raises, every rank stops
+    with the reason (before: rank 0 died alone and the others waited in the broadcast until the launcher killed
+    them, saying nothing; a launcher that does not kill them would hang)."""
+    res = run("pair", tmp_path / "q", 2, "--steps", "20", "--quality-fails-at", "10", check=False)
+    assert res.returncode != 0
+    assert "the feature network is missing" in res.stderr
+    assert "quality measure failed on the main process at step 10" in res.stderr  # what the other rank says
+
+
 @pytest.mark.parametrize("procs", [2])
 def test_global_batch_must_divide_by_processes_times_accumulation(tmp_path, procs):
     res = run("pair", tmp_path / "x", procs, "--grad-accum", "3", check=False)

@@ -713,16 +713,27 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
                             disable=not (cfg.progress and acc.is_main_process))
         def measure_quality(step: int) -> dict[str, Any]:
             figures: list[Any] = [None]
+            failure: BaseException | None = None
             if acc.is_main_process:
-                with tempfile.TemporaryDirectory(prefix="fewstep-quality-") as tmp, \
-                        torch.random.fork_rng(devices=_cuda_devices()):  # loading a model draws from the global RNG
-                    folder = Path(tmp) / "model"
-                    method.save_model(folder, ema.module, {"method": method.name, "steps": step})
-                    figures[0] = {f"quality/{k}": v for k, v in quality(folder, step).items()}
+                try:
+                    with tempfile.TemporaryDirectory(prefix="fewstep-quality-") as tmp, \
+                            torch.random.fork_rng(devices=_cuda_devices()):  # loading a model draws from the RNG
+                        folder = Path(tmp) / "model"
+                        method.save_model(folder, ema.module, {"method": method.name, "steps": step})
+                        figures[0] = {f"quality/{k}": v for k, v in quality(folder, step).items()}
+                except BaseException as e:  # the other ranks wait in the broadcast below: tell them, then raise
+                    if world == 1:
+                        raise
+                    failure, figures[0] = e, {"__failed__": f"{type(e).__name__}: {e}"}
             if world > 1:
                 from accelerate.utils import broadcast_object_list
 
                 broadcast_object_list(figures)  # every process logs the same record
+                if failure is not None:
+                    raise failure
+                if figures[0] and "__failed__" in figures[0]:
+                    raise FewstepError(f"the quality measure failed on the main process at step {step}: "
+                                       f"{figures[0]['__failed__']}")
             return dict(figures[0] or {})
 
         before_step = getattr(method, "before_step", None)

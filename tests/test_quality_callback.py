@@ -72,6 +72,25 @@ def test_eval_every_needs_a_measure_and_a_dataset(tmp_path, fx):
     assert ctx.quality == ("digits", 500)  # a data-free run is measured against its teacher's data
 
 
+def test_a_resumed_run_keeps_measuring_without_repeating_eval_every(tmp_path):
+    """The run record keeps eval_every and eval_n (not compared: they change no weight), so `--resume` without them
+    goes on logging the curve instead of silently stopping it."""
+    from fewstep.training.recipe import run_recipe
+
+    recipe = get_recipe("distill", "gan")
+    factory = lambda d, n: (lambda folder, step: {"swd": float(n)})  # noqa: E731
+    sets = ["iters=4", "batch=16", "n_dis=1", "warmup=0"]
+    run_recipe(recipe, prepare(recipe, resolve_options(recipe, sets=[*sets, "eval_every=2", "eval_n=300"]),
+                               tmp_path / "g", data="gmm", quality=factory, progress=False))
+    assert json.loads((tmp_path / "g" / "distill.json").read_text())["measure"] == {"eval_every": 2, "eval_n": 300}
+    ctx = prepare(recipe, resolve_options(recipe, sets=sets), tmp_path / "g", data="gmm", resume=True,
+                  quality=factory, progress=False)
+    assert ctx.train_config.eval_every == 2 and ctx.quality(None, 0) == {"swd": 300.0}
+    fresh = prepare(recipe, resolve_options(recipe, sets=sets), tmp_path / "new", data="gmm", quality=factory,
+                    progress=False)
+    assert fresh.quality is None and fresh.train_config.eval_every is None
+
+
 def test_cli_logs_fd_on_the_train_split(tmp_path):
     res = invoke(["distill", "--method", "gan", "--data", "digits", "--iters", "6", "--batch", "16", "--set",
                   "width=8", "--set", "eval_every=3", "--set", "eval_n=200", "--out", str(tmp_path / "g")])

@@ -411,6 +411,7 @@ class RunContext:
     record: dict[str, Any] | None = None  # what the run record holds (set by run_recipe)
     kind: str = "distill"
     quality: Callable[[Path, int], dict[str, float]] | None = None  # the loop's quality callback (eval_every)
+    eval_n: int | None = None  # the samples per quality figure, recorded so --resume keeps measuring
 
     @property
     def iters(self) -> int:
@@ -498,8 +499,10 @@ def run_record(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
     from fewstep.data.datasets import data_record
 
     data_hash = (data_record(ctx.data_name) or {}).get("hash") if ctx.data_name else None
+    measure = ({"eval_every": ctx.train_config.eval_every, "eval_n": ctx.eval_n} if ctx.quality is not None
+               and ctx.train_config.eval_every else None)  # not compared on resume: it changes no weight
     return {"method": recipe.name, "kind": recipe.kind, "options": options, "loop": loop, "teacher": teacher,
-            "data": ctx.data_name, "data_hash": data_hash}
+            "data": ctx.data_name, "data_hash": data_hash, "measure": measure}
 
 
 def _comparable(record: dict[str, Any]) -> dict[str, Any]:
@@ -597,7 +600,15 @@ def prepare(recipe: Recipe, resolved: Resolved, out: Path, teacher: Path | None 
     """The run's context: the teacher loaded (when the recipe needs one), the training data (default: the
     teacher's recorded dataset) checked against it, the loop's config.  Writes nothing.  With ``eval_every`` set,
     ``quality(dataset, eval_n)`` makes the loop's quality callback (the CLI passes fewstep.evaluate's; methods never
-    import evaluation); the dataset is the training data, or for a data-free run the teacher's."""
+    import evaluation); the dataset is the training data, or for a data-free run the teacher's.  A resumed run
+    given no eval_every keeps the one its run record holds (the curve goes on)."""
+    if resume and resolved.loop.eval_every is None and quality is not None:
+        record = Path(out) / recipe.record_file
+        measure = (read_json(record, "run record").get("measure") if record.is_file() else None) or {}
+        if measure.get("eval_every"):
+            resolved = dataclasses.replace(resolved, loop=dataclasses.replace(
+                resolved.loop, eval_every=int(measure["eval_every"]),
+                eval_n=int(measure.get("eval_n") or resolved.loop.eval_n)))
     ctx = _prepare(recipe, resolved, out, teacher, data, resume, progress)
     if resolved.loop.eval_every is not None:
         if quality is None:
@@ -611,6 +622,7 @@ def prepare(recipe: Recipe, resolved: Resolved, out: Path, teacher: Path | None 
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):  # a feature network trained here seeds the global RNG
             ctx.quality = quality(dataset, resolved.loop.eval_n)
+        ctx.eval_n = resolved.loop.eval_n
     return ctx
 
 

@@ -112,3 +112,15 @@ def test_boot_student_starts_at_zero_and_weights_by_z_space(fx):
     sig_s = t.denoiser.schedule.sigma(999 * (n - 1) / 8).float()
     assert torch.allclose(losses["z-d2"], losses["d2"] / (1 + sig_s**2), rtol=1e-4)
     assert not torch.allclose(losses["z-d2"], losses["d2"])
+
+
+def test_zero_out_refuses_a_network_whose_last_layer_is_not_its_output(fx):
+    from torch import nn
+
+    from fewstep.distill.boot import Boot
+
+    t = load_model(fx.model)
+    t.denoiser.net.add_module("late_extra", nn.Linear(3, 3))  # registered last, never used in forward
+    with pytest.raises(FewstepError, match="zero_out=false"):
+        Boot(t.denoiser, t.config, grid=8)
+    Boot(t.denoiser, t.config, grid=8, zero_out=False)  # the paper's initialization still works

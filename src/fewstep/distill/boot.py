@@ -80,6 +80,13 @@ class Boot:
         self.student = copy.deepcopy(teacher.net).requires_grad_(True)
         if zero_out:
             zero_output_layer(self.student)
+            with torch.no_grad():  # the last convolution or linear layer must be the output: check it once
+                dev = next(self.student.parameters()).device
+                probe = torch.randn(1, *config.sample_shape, generator=torch.Generator().manual_seed(0)).to(dev)
+                labels = torch.zeros(1, dtype=torch.long, device=dev) if config.num_classes else None
+                if self.student(probe, torch.full((1,), 500.0, device=dev), labels).abs().max() != 0:
+                    raise FewstepError("zero_out: this network's last convolution or linear layer is not its output "
+                                       "layer: pass --set zero_out=false")
         self.grid = grid
         self.weighting = weighting
         self.base_config = config

@@ -115,7 +115,7 @@ class LoopOptions(Options):
     log_with: str | None = opt(None, "also log the metrics to tensorboard or wandb (accelerate's trackers; offline)")
     eval_every: int | None = opt(None, "log a quality figure every N steps of each stage and at its end: FD of eval_n "
                                        "samples against the train split (metrics.jsonl's quality/fd; the CLI measures "
-                                       "it, and its time is not counted as training)", ge=1)
+                                       "it, and its time is not counted as training; --resume keeps it)", ge=1)
     eval_n: int = opt(500, "samples per quality figure (eval_every)", ge=10, le=100000)
 
     def validate(self) -> None:

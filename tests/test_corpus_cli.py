@@ -268,7 +268,7 @@ OWN_BAD = {
              "gan_g": ["nan", "-1", "inf"], "gan_d": ["-0.5", "nan"], "guidance": ["nan", "-1"],
              "reparam_iters": ["0"]},
     "boot": {"grid_steps": ["0", "-1", "1000", "abc", "1e9"], "guidance": ["nan", "-1", "inf"],
-             "weighting": ["x", "d3", "1"]},
+             "weighting": ["x", "d3", "1"], "zero_out": ["maybe", "2"]},
 }
 for method, opts in OWN_BAD.items():
     for key, values in opts.items():

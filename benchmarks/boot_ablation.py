@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 python benchmarks/boot_ablation.py [VARIANT ...]      (needs diffusers_digits.py's teacher)
     OMP_NUM_THREADS=1 python benchmarks/boot_ablation.py --teacher-rows      (the teacher's DDIM-50/32/16/8 rows)
-    OMP_NUM_THREADS=1 python benchmarks/boot_ablation.py --diagnose FOLDER   (a student against the true path)
+    OMP_NUM_THREADS=1 python benchmarks/boot_ablation.py --diagnose FOLDER [--teacher T]  (a student against the
+                                                                              true path; T: the run's teacher)
 
 Each variant is `fewstep distill --method boot` on the DDPMPipeline folder with the flags below, measured by FD at
 n = 1,000 against the digits **train** split (the quality callback's measure: tuning never reads the test split)
@@ -89,26 +90,29 @@ def teacher_rows() -> list[dict]:
 
 
 @torch.no_grad()
-def diagnose(folder: Path, n: int = 256) -> None:
+def diagnose(folder: Path, teacher_folder: Path = TEACHER, n: int = 256) -> None:
     from fewstep.distill.boot import Boot
     from fewstep.models.folder import load_model
 
-    teacher, student = load_model(TEACHER), load_model(folder / "student")
+    teacher, student = load_model(teacher_folder), load_model(folder / "student")
     sched = teacher.denoiser.schedule
-    boot = Boot(teacher.denoiser, teacher.config, int(student.config.training.get("grid_steps", 32)), zero_out=False)
+    training = student.config.training
+    boot = Boot(teacher.denoiser, teacher.config, int(training.get("grid_steps", 32)),
+                guidance=float(training.get("distilled_guidance", 1.0)), zero_out=False)
     boot.student = student.denoiser.net.eval()
     T, N = sched.num_train_timesteps, boot.grid
     sigma_T = float(sched.sigma(float(T - 1)))
     eps = torch.randn(n, *teacher.sample_shape, generator=torch.Generator().manual_seed(0))
     y = eps * ((1 + sigma_T**2) ** 0.5 - sigma_T)  # the true signal at T
+    labels = torch.arange(n) % teacher.config.num_classes if teacher.config.num_classes else None
     print("step  d      student-vs-path  student-vs-target  |y|^2")
     for k in range(N, 0, -1):
         t = torch.full((n,), (T - 1) * k / N, dtype=torch.float64)
         s = torch.full((n,), (T - 1) * (k - 1) / N, dtype=torch.float64)
-        own = boot.signal(eps, t.float(), None) if k < N else y
-        target = boot.teacher_step(own, eps, sched.sigma(t), sched.sigma(s), None)
-        y = boot.teacher_step(y, eps, sched.sigma(t), sched.sigma(s), None)
-        g = boot.signal(eps, s.float(), None)
+        own = boot.signal(eps, t.float(), labels) if k < N else y
+        target = boot.teacher_step(own, eps, sched.sigma(t), sched.sigma(s), labels)
+        y = boot.teacher_step(y, eps, sched.sigma(t), sched.sigma(s), labels)
+        g = boot.signal(eps, s.float(), labels)
         d = 1 - float(sched.sigma(s)[0] / sched.sigma(t)[0])
         print(f"{k - 1:4d}  {d:.3f}  {float((g - y).pow(2).mean()):15.4f}  {float((g - target).pow(2).mean()):17.4f}"
               f"  {float(y.pow(2).mean()):.3f}")
@@ -119,12 +123,14 @@ def main() -> None:
     ap.add_argument("variants", nargs="*", help=f"of {', '.join(VARIANTS)} (default: all)")
     ap.add_argument("--teacher-rows", action="store_true")
     ap.add_argument("--diagnose", type=Path, default=None, help="a boot run folder")
+    ap.add_argument("--teacher", type=Path, default=TEACHER, help="--diagnose: the run's teacher (default: the "
+                                                                   "diffusers digits teacher)")
     args = ap.parse_args()
+    if args.diagnose is not None:
+        diagnose(args.diagnose, args.teacher)
+        return
     if not (TEACHER / "model_index.json").is_file():
         sys.exit(f"no teacher in {TEACHER}: run benchmarks/diffusers_digits.py first")
-    if args.diagnose is not None:
-        diagnose(args.diagnose)
-        return
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
         sys.exit(f"unknown variants {unknown}: choose from {', '.join(VARIANTS)}")

@@ -84,24 +84,32 @@ def test_gan_head_taps_the_unet_bottleneck_and_its_loss_reaches_the_generator(di
     assert m.critic.head.out.weight.grad is not None and m.critic.head.out.weight.grad.abs().sum() > 0
 
 
-def test_backward_simulation_draws_every_step_and_trains_the_last(digits_teacher):
+def test_backward_simulation_draws_every_step_per_sample_and_trains_the_last(digits_teacher):
+    """k ~ U{0..K-1} per sample: one generator call per simulated step without gradients (as many as the batch's
+    largest k), then one with gradients at each sample's own sigma_k; a sample whose k is 0 reads the start noise."""
     m = _method(digits_teacher, steps=4)
     assert m.timesteps == [999.0, 749.0, 499.0, 249.0]
+    sigmas = m.generator.schedule.sigma(torch.tensor(m.timesteps, dtype=torch.float64)).float()
     ds = load_dataset("digits", "train")
     seen = []
     real = m.generator.forward
 
     def spy(x, sigma, cond=None):
-        seen.append((float(sigma[0]), torch.is_grad_enabled()))
+        seen.append((x.detach().clone(), sigma.detach().float().clone(), torch.is_grad_enabled()))
         return real(x, sigma, cond)
 
     m.generator.forward = spy
     gen = torch.Generator().manual_seed(0)
-    for _ in range(12):
+    for _ in range(4):
         seen.clear()
-        m._sample(ds.x[:4], ds.y[:4], gen)
-        assert [g for _, g in seen] == [False] * (len(seen) - 1) + [True]  # only the last call has gradients
-        assert 1 <= len(seen) <= 4
+        m._sample(ds.x[:32], ds.y[:32], gen)
+        assert [g for *_, g in seen] == [False] * (len(seen) - 1) + [True]  # only the last call has gradients
+        last_sigma = seen[-1][1]
+        k = torch.stack([(last_sigma - s).abs() < 1e-3 * s for s in sigmas]).float().argmax(0)
+        assert torch.allclose(last_sigma, sigmas[k], rtol=1e-5)  # each sample at one of the K sigmas
+        assert len(set(k.tolist())) >= 2 and len(seen) - 1 == int(k.max())  # per sample; max k simulated steps
+        first = seen[0][0]  # the start noise
+        assert torch.equal(seen[-1][0][k == 0], first[k == 0]) and not torch.equal(seen[-1][0][k > 0], first[k > 0])
     del m.generator.forward
 
 

@@ -114,6 +114,30 @@ def test_lr_schedule_follows_the_global_step_and_phases_keep_their_optimizer_set
     assert lr_factor(8, 4, 10) != lr_factor(5, 4, 10)
 
 
+def test_the_ema_updates_only_at_steps_that_moved_its_weights(tmp_path):
+    """A generator stepped every other step is averaged once per update (a GAN's or dmd2's generator was averaged at
+    every discriminator step, so its decay was in effect decay^n_dis); the exported EMA equals the replayed average
+    of the weights after each update."""
+    import json
+
+    m = EveryOther()
+    seen = []
+    m.after_step = lambda step: seen.append((step, copy.deepcopy(m.net.state_dict())))
+    cfg = _cfg(steps=10, warmup=4, ckpt_every=10)
+    train(m, (X, None), cfg, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000010"
+    assert json.loads((ckpt / "state.json").read_text())["ema_updates"] == 5
+    ema, n = copy.deepcopy(EveryOther().net.state_dict()), 0  # the weights before step 0 (same seed)
+    for step, w in seen:
+        if step % 2:
+            continue
+        d = min(cfg.ema_decay, (1 + n) / (10 + n))
+        ema = {k: d * ema[k] + (1 - d) * w[k] for k in ema}
+        n += 1
+    saved = load_file(ckpt / "ema.safetensors")
+    assert all(torch.allclose(saved[k], ema[k], atol=1e-6) for k in ema)
+
+
 class Shared:
     """Two phases share one expensive output per step (``ctx.share``); the first logs named scalars; ``before_step``
     draws from the loop's generator and the losses use the draw."""

@@ -135,3 +135,24 @@ def test_cli_distillation_on_two_processes_without_accelerate_settings(tmp_path,
         assert res.stdout.count("student (1 steps, reflow)") == 1  # one process reports
         config = json.loads((out / "student" / "config.json").read_text())
         assert config["training"]["processes"] == 2 and config["training"]["distill_wall_seconds"] > 0
+
+
+def test_cli_quality_measure_is_built_on_the_main_process_and_its_failure_stops_every_rank(tmp_path,
+                                                                                          gmm_cond_teacher):
+    """eval_every under torchrun: the measure (its reference, a feature network for images) is built by rank 0
+    alone and logged once per figure; when building it fails there (eval_n larger than the train split), the other
+    rank stops with that reason instead of waiting in a collective."""
+    env = {k: v for k, v in _env().items() if k != "ACCELERATE_USE_CPU"}
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "fewstep",
+            "distill", "--teacher", str(gmm_cond_teacher), "--method", "reflow", "--guidance", "2", "--pairs", "256",
+            "--teacher-steps", "4", "--iters", "6", "--batch", "64", "--set", "eval_every=3"]
+    res = subprocess.run([*base, "--set", "eval_n=64", "--out", str(tmp_path / "ok")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "ok" / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "quality/swd" in r] == [3, 6]
+    res = subprocess.run([*base, "--set", "eval_n=99999", "--out", str(tmp_path / "bad")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert "eval_n 99999 exceeds" in res.stderr
+    assert "building the quality measure (eval_every) failed on the main process" in res.stderr

@@ -25,7 +25,7 @@ own denoising objective; the *generator* (the student) maps noise to images in 1
 - Two time-scale updates: the generator updates every ``fake_updates`` steps (default 5), the fake score and head
   every step.  One loop step is one fake update; ``iters`` counts those.
 - Multi-step students (``--steps K``, K <= 4 in the paper, any K here): timesteps t_k = trailing K of T (999, 749,
-  499, 249 for 4).  Backward simulation: k ~ U{0..K-1} per step; from pure noise, K-step sampling without
+  499, 249 for 4).  Backward simulation: k ~ U{0..K-1} per sample; from pure noise, K-step sampling without
   gradients for k steps (x-hat = G(z_t, t), z_next = x-hat + sigma_next eps), then the generator is trained on
   G(z_{t_k}, t_k).  Sampling is the same loop (the ``consistency`` sampler: predict, re-noise with fresh noise),
   returning the last prediction.
@@ -162,18 +162,22 @@ class DMD2:
 
     # --- the generator's samples, with backward simulation ------------------------------------------------
     def _sample(self, x0: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
-        """G's output at a step k ~ U{0..K-1} of K-step sampling (the first k steps without gradients)."""
+        """G's output at a step k ~ U{0..K-1} of K-step sampling, drawn per sample (the first k steps without
+        gradients): every generator update trains every one of the K inputs, not one per batch."""
         sched = self.generator.schedule
         sigmas = sched.sigma(torch.tensor(self.timesteps, dtype=torch.float64)).to(x0.device)
-        k = int(torch.randint(0, len(self.timesteps), (1,), generator=gen, device=x0.device)) if self.steps > 1 else 0
+        b = x0.shape[0]
+        k = (torch.randint(0, len(self.timesteps), (b,), generator=gen, device=x0.device) if self.steps > 1
+             else torch.zeros(b, dtype=torch.long, device=x0.device))
         z = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
         x = z * float((1 + sigmas[0] ** 2).sqrt())  # the samplers' start (VP in VE form)
         with torch.no_grad():
-            for i in range(k):
-                x0_hat = self.generator(x, sigmas[i].expand(x.shape[0]), y).x0
-                x = x0_hat + float(sigmas[i + 1]) * torch.randn(x.shape, generator=gen, device=x.device,
-                                                               dtype=x.dtype)
-        return self.generator(x, sigmas[k].expand(x.shape[0]), y).x0
+            for i in range(int(k.max())):
+                x0_hat = self.generator(x, sigmas[i].expand(b), y).x0
+                step = x0_hat + float(sigmas[i + 1]) * torch.randn(x.shape, generator=gen, device=x.device,
+                                                                  dtype=x.dtype)
+                x = torch.where((k > i).view(-1, *[1] * (x.dim() - 1)), step, x)  # samples whose k is past step i take it
+        return self.generator(x, sigmas[k], y).x0
 
     def _dm_sigma(self, n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
         T = self.teacher.schedule.num_train_timesteps

@@ -567,7 +567,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
                     scores[s] = q.fd if q.fd is not None else q.swd
                 spacing = min(scores, key=scores.get)
             res = _sample_row(row, teacher, cfg, n, spacing)
-            ev = evaluate_samples(cfg.data, row.label, res, cfg.seed).to_json()
+            # featurized once: the metrics and the paired differences (features/<key>.npy) read the same features
+            feats = reference(cfg.data, n).featurize(res.x.float()) if features_hash is not None else None
+            ev = evaluate_samples(cfg.data, row.label, res, cfg.seed, features=feats).to_json()
             trained = (read_json(model_folder(row.model) / "config.json").get("training", {})
                        .get("distill_wall_seconds") if row.model else teacher.config.training.get("wall_seconds"))
             ev.update(method=row.method, name=row.name, spacing=spacing, grid=f"grids/{key}.png", train_seconds=trained,
@@ -576,8 +578,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
             write_samples(out / "grids" / f"{key}.png", res.x[:100], nrow=10 if res.x.ndim == 4 else None)
             if features_hash is not None:  # for the paired differences between rows (fd_difference)
                 (out / "features").mkdir(parents=True, exist_ok=True)
-                np.save(out / "features" / f"{key}.npy", reference(cfg.data, n).featurize(res.x.float())[0]
-                        .astype(np.float32))
+                np.save(out / "features" / f"{key}.npy", feats[0].astype(np.float32))
                 ev["features"] = f"features/{key}.npy"
             db.add(run_id, key, row, ev)
             hit = ev

@@ -181,14 +181,16 @@ def _reference(dataset: str, n: int, stamp: tuple) -> Reference:
     return Reference(dataset, n, real, None, floor, None, lambda x: (x.double().numpy(), None))
 
 
-def measure(dataset: str, x: torch.Tensor, labels: torch.Tensor | None = None, bootstrap: int = 20) -> Quality:
-    """Quality of samples ``x`` (N, ...) against ``dataset``'s test split at n = N."""
+def measure(dataset: str, x: torch.Tensor, labels: torch.Tensor | None = None, bootstrap: int = 20,
+            features: tuple[np.ndarray, np.ndarray | None] | None = None) -> Quality:
+    """Quality of samples ``x`` (N, ...) against ``dataset``'s test split at n = N.  ``features``: what
+    ``reference(dataset, N).featurize(x)`` returned, when the caller has it already (the bench keeps it)."""
     n = len(x)
     ref = reference(dataset, n)
     x = x.float()
     if not torch.isfinite(x).all():
         raise FewstepError("samples contain NaN or inf: the model or sampler diverged")
-    feats, pred = ref.featurize(x)
+    feats, pred = features if features is not None else ref.featurize(x)
     if ref.gauss is not None:
         q = Quality(n=n, fd=M.frechet_distance(M.Gaussian.fit(feats), ref.gauss),
                     fd_ci=M.bootstrap_fd(feats, ref.gauss, rounds=bootstrap) if bootstrap else None,
@@ -216,8 +218,9 @@ def peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
-def evaluate_samples(dataset: str, label: str, res: SampleResult, seed: int, bootstrap: int = 20) -> EvalResult:
-    q = measure(dataset, res.x, res.labels, bootstrap)
+def evaluate_samples(dataset: str, label: str, res: SampleResult, seed: int, bootstrap: int = 20,
+                     features: tuple[np.ndarray, np.ndarray | None] | None = None) -> EvalResult:
+    q = measure(dataset, res.x, res.labels, bootstrap, features)
     return EvalResult(dataset=dataset, label=label, sampler=res.sampler, steps=len(res.timesteps),
                       timesteps=res.timesteps, guidance=res.guidance, seed=seed, nfe=res.nfe,
                       wall_seconds=res.wall_seconds, samples_per_s=res.samples_per_s, peak_rss_mb=peak_rss_mb(),

@@ -578,6 +578,11 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
                      ph.betas, ph.eps) for ph, ps in zip(phases, params)]
 
     ema = EMA(method.ema_target(), cfg.ema_decay)
+    # the EMA follows the weights it averages: it updates at the steps where a phase training them ran (a GAN's or
+    # dmd2's generator, stepped every n-th step, would otherwise be averaged n times per update, its decay in effect
+    # decay^n); a target no phase trains is averaged every step
+    ema_ids = {id(p) for p in method.ema_target().parameters()}
+    moves_ema = [any(id(p) in ema_ids for p in ps) for ps in params]
     routes: dict[int, _Route] = {}
     try:  # from here on, the finally gives the method its networks back as they were (gradients, forward)
         # trained modules through accelerate: DDP in a multi-process run (the method's own module stays what it calls)
@@ -755,6 +760,7 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
                 micro = _micro(xb, yb, cfg.grad_accum)
                 contexts = [StepContext(step, gen, j) for j in range(len(micro))]
                 factor = lr_factor(step, cfg.warmup, cfg.steps)
+                moved = not any(moves_ema)
                 for i, (ph, ps, opt) in enumerate(zip(phases, params, optims)):
                     if step % ph.every:
                         continue
@@ -781,11 +787,13 @@ def train(method: Method, data: tuple[torch.Tensor, torch.Tensor | None], cfg: T
                         g["lr"] = cfg.lr * ph.lr_scale * factor
                     opt.step()
                     opt.zero_grad(set_to_none=True)
+                    moved = moved or moves_ema[i]
                     running.setdefault(f"loss/{ph.name}", []).append(total)
                     for k, v in logs.items():
                         running.setdefault(f"{ph.name}/{k}", []).append(v)
                 del contexts, micro
-                ema.update(method.ema_target())
+                if moved:
+                    ema.update(method.ema_target())
                 if after_step is not None:
                     after_step(step)
                 step += 1

@@ -49,3 +49,28 @@ def is_main() -> bool:
 def barrier() -> None:
     """Every process waits here for every other one."""
     _state().wait_for_everyone()
+
+
+def on_main(build, what: str):  # noqa: ANN001, ANN201 - any callable and what it returns
+    """``build()`` on the main process only; the other processes get None.  Every process waits for it, and when it
+    fails the other processes stop with its message (none is left waiting in a collective for a rank that quit).
+    In a single process this is ``build()``."""
+    if expected_processes() == 1:
+        return build()
+    from accelerate.utils import broadcast_object_list
+
+    from fewstep.errors import FewstepError
+
+    state, result, failure = _state(), None, None
+    message: list[str | None] = [None]
+    if state.is_main_process:
+        try:
+            result = build()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the others are told
+            failure, message[0] = e, f"{type(e).__name__}: {e}"
+    broadcast_object_list(message)
+    if failure is not None:
+        raise failure
+    if message[0] is not None:
+        raise FewstepError(f"{what} failed on the main process: {message[0]}")
+    return result

@@ -592,6 +592,11 @@ def no_data(model: LoadedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
     return x, (torch.arange(NO_DATA_ROWS) % k if k else None)
 
 
+def _measured_on_main(folder: Path, step: int) -> dict[str, float]:
+    """The quality callback of a process other than the main one: the loop never calls it there."""
+    raise RuntimeError("the quality measure runs on the main process only")
+
+
 QualityFactory = Callable[[str, int], Callable[[Path, int], dict[str, float]]]  # (dataset, n) -> the loop's quality
 
 
@@ -620,8 +625,14 @@ def prepare(recipe: Recipe, resolved: Resolved, out: Path, teacher: Path | None 
         import torch
 
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):  # a feature network trained here seeds the global RNG
-            ctx.quality = quality(dataset, resolved.loop.eval_n)
+        from fewstep.training.processes import on_main
+
+        def build() -> Callable[[Path, int], dict[str, float]]:
+            with torch.random.fork_rng(devices=devices):  # a feature network trained here seeds the global RNG
+                return quality(dataset, resolved.loop.eval_n)
+
+        # the loop measures on the main process only: the others need no feature network or reference features
+        ctx.quality = on_main(build, "building the quality measure (eval_every)") or _measured_on_main
         ctx.eval_n = resolved.loop.eval_n
     return ctx
 

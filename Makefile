@@ -52,6 +52,7 @@ lint: $(STAMP)
 # results.sqlite, so an interrupted run resumes) and the speed benchmark.  Reports: benchmarks/results/.
 bench-quick: $(STAMP)
 	$(PY) -m fewstep bench benchmarks/digits.yaml --profile quick
+	$(PY) -m fewstep bench benchmarks/fashion.yaml --profile quick
 	$(PY) benchmarks/speed.py --quick
 
 # The first bench of each dataset trains (or reuses) its teacher; students.sh distils the students from it

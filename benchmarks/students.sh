@@ -62,6 +62,10 @@ if [ "$DATA" = mnist ]; then  # a 28x28 teacher step costs ~10x a digits one: sm
       # starts from the progressive run's eps -> v stage (guidance 2 baked in): add its time when comparing
       consistency) distill consistency --teacher cache/students/mnist-progressive/round_reparam --steps 1 \
                      --iters 600 --teacher-steps 50 --lr 5e-4 ;;
+      # issue 13's one-step methods, at fashion's settings (the same tiny28 network and rates)
+      dmd2) distill dmd2 --teacher "$TEACHER" --guidance 2 --steps 1 --iters 1500 --set eval_every=300 \
+              --set eval_n=1000 ;;
+      boot) distill boot --teacher "$TEACHER" --guidance 2 --iters 1500 --set eval_every=300 --set eval_n=1000 ;;
       *) echo "students.sh: no mnist settings for $m"; exit 2 ;;
     esac
   done

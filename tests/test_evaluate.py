@@ -171,6 +171,7 @@ def test_bench_student_rows(digits_teacher, tmp_path):
         "baselines: [DDIM]", "baselines: []") + f"""students:
   - {{name: pd, model: {tmp_path / 'progressive' / 'student'}, steps: 1}}
   - {{name: cd, model: {tmp_path / 'consistency' / 'student'}, steps: [1, 2]}}
+  - {{name: cd-trailing, model: {tmp_path / 'consistency' / 'student'}, steps: 2, spacing: trailing}}
   - {{name: later, model: {tmp_path / 'missing'}}}
   - {{name: wip, model: {tmp_path / 'unfinished'}}}
 """)
@@ -183,6 +184,9 @@ def test_bench_student_rows(digits_teacher, tmp_path):
     results = {json.loads(j)["label"]: json.loads(j) for (j,) in db.execute("SELECT result FROM rows")}
     assert {"student:pd x1", "student:cd x1", "student:cd x2"} <= set(results)
     assert results["student:pd x1"]["nfe"] == 1 and results["student:cd x2"]["nfe"] == 2  # guidance baked in
+    # a consistency student samples on its training grid by default, or at a spacing its row names
+    assert results["student:cd x2"]["timesteps"] == [999.0, 499.5]
+    assert results["student:cd-trailing x2 trailing"]["timesteps"] == [999.0, 499.0]
     cd = load_model(tmp_path / "consistency" / "student")
     assert results["student:cd x1"]["train_seconds"] == cd.config.training["distill_wall_seconds"] > 0
     assert results["fewstep:ddim x1"]["train_seconds"] == load_model(model).config.training["wall_seconds"]
@@ -190,15 +194,19 @@ def test_bench_student_rows(digits_teacher, tmp_path):
     # every student against the teacher's best row, and the two 1-step students against each other, paired
     diffs = list(csv.DictReader((tmp_path / "out" / "comparisons.csv").open()))
     pairs = {(d["a"], d["b"]) for d in diffs}
-    assert len(diffs) == 4 and ("student:pd x1", "student:cd x1") in pairs, pairs
+    assert len(diffs) == 6 and ("student:pd x1", "student:cd x1") in pairs, pairs
+    assert ("student:cd x2", "student:cd-trailing x2 trailing") in pairs  # the grid fix, paired
     assert all(d["paired"] == "True" and float(d["lo"]) <= float(d["difference"]) <= float(d["hi"]) for d in diffs)
     assert "Differences" in (tmp_path / "out" / "report.html").read_text()
     # the same student in another folder (a bench run from another directory sees another path): cached
     shutil.move(tmp_path / "consistency", tmp_path / "moved")
     cfg.write_text(cfg.read_text().replace(str(tmp_path / "consistency"), str(tmp_path / "moved")))
     again = _run("bench", cfg)
-    assert again.exit_code == 0 and again.output.count("cached") == 6, again.output  # every row
+    assert again.exit_code == 0 and again.output.count("cached") == 7, again.output  # every row
     cfg.write_text(cfg.read_text().replace("model: " + str(tmp_path / "progressive" / "student") + ", steps: 1",
                                            "model: " + str(tmp_path / "progressive" / "student") + ", steps: 2"))
     bad = _run("bench", cfg)
     assert bad.exit_code == 2 and "distilled for 1 steps" in bad.output
+    cfg.write_text(cfg.read_text().replace("/student, steps: 2", "/student, steps: 1, spacing: leading", 1))
+    bad = _run("bench", cfg)
+    assert bad.exit_code == 2 and "samples at the timesteps it was distilled for" in bad.output, bad.output

@@ -46,3 +46,29 @@ def test_a_corrupt_cached_network_is_a_clear_error(tmp_path, monkeypatch):
     (folder / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(FewstepError, match="feature network"):
         feature_extractor("mnist")
+
+
+def test_the_quick_feature_network_is_its_own_cached_network_and_reference(monkeypatch):
+    """Inside quick_features a built-in set's network is trained QUICK_EPOCHS on at most QUICK_SUBSET images, into
+    its own cache folder (the full network and the references built on it are untouched), and the in-memory
+    reference of the same (dataset, n) differs by variant."""
+    from fewstep.evaluate.features import quick_features
+    from fewstep.evaluate.runner import reference
+
+    monkeypatch.setattr(features, "QUICK_SUBSET", 500)
+    seen = []
+    real = features._batches
+    monkeypatch.setattr(features, "_batches", lambda x, perm, batch: (seen.append(len(x)), real(x, perm, batch))[1])
+    full = feature_extractor("digits")
+    seen.clear()
+    with quick_features():
+        quick = feature_extractor("digits")
+        ref_quick = reference("digits", 200)
+        assert features.features_variant("digits") == "quick"
+    assert seen == [500] * features.QUICK_EPOCHS  # trained here: QUICK_EPOCHS passes over the subset
+    folder = cache_dir() / "features" / f"digits-v{VERSIONS['digits']}-quick"
+    assert json.loads((folder / "info.json").read_text())["variant"] == "quick"
+    assert features.features_variant("digits") == "full" and feature_extractor("digits").test_accuracy == \
+        full.test_accuracy
+    assert not torch.equal(next(quick.net.parameters()), next(full.net.parameters()))
+    assert ref_quick is not reference("digits", 200)

@@ -176,7 +176,7 @@ class DMD2:
                 x0_hat = self.generator(x, sigmas[i].expand(b), y).x0
                 step = x0_hat + float(sigmas[i + 1]) * torch.randn(x.shape, generator=gen, device=x.device,
                                                                   dtype=x.dtype)
-                x = torch.where((k > i).view(-1, *[1] * (x.dim() - 1)), step, x)  # samples whose k is past step i take it
+                x = torch.where((k > i).view(-1, *[1] * (x.dim() - 1)), step, x)  # k > i: this sample takes step i
         return self.generator(x, sigmas[k], y).x0
 
     def _dm_sigma(self, n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:

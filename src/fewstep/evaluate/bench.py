@@ -53,7 +53,8 @@ class Row:
     @property
     def label(self) -> str:
         if self.method == "student":
-            return f"student:{self.name}" + (f" x{self.steps}" if self.steps else "")
+            sp = f" {self.spacing}" if self.spacing else ""
+            return f"student:{self.name}" + (f" x{self.steps}" if self.steps else "") + sp
         sp = f" {self.spacing}" if self.spacing and self.method == "diffusers" else ""
         return f"{self.method}:{self.name} x{self.steps}{sp}"
 
@@ -74,6 +75,7 @@ class BenchConfig:
     baseline_spacing: str = "best"  # "best": try each spacing on a small subset and keep the best FD
     teacher_reference: dict[str, Any] = field(default_factory=lambda: {"sampler": "dpmpp-2m", "steps": 50})
     students: list[dict[str, str]] = field(default_factory=list)
+    features: str = "full"  # "quick": a built-in set's quick feature network (features.quick_features)
     raw: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None  # the config file (named in errors)
 
@@ -103,6 +105,8 @@ class StudentEntry(Strict):
     name: str = Field(description="the row's name (text)")
     model: str = Field(description="a model folder or distillation run, relative to the config's folder")
     steps: Any = Field(None, description="a whole number >= 1 or a non-empty list of them")
+    spacing: Literal["grid", "trailing", "leading", "linspace"] | None = Field(
+        None, description="grid, trailing, leading or linspace (a consistency student's timesteps; default: its own)")
 
     @field_validator("steps")
     @classmethod
@@ -149,6 +153,8 @@ class BenchFields(Strict):
     teacher_reference: TeacherReference | None = Field(None, description="a mapping {sampler: NAME, steps: N}, or "
                                                                          "null for no reference row")
     students: list[StudentEntry] | None = Field(None, description="a list of {name, model, steps} mappings")
+    features: Literal["full", "quick"] = Field("full", description="full or quick (a built-in set's quick feature "
+                                                                   "network: smoke runs, FD not comparable)")
 
     @field_validator("data")
     @classmethod
@@ -430,7 +436,7 @@ def plan_rows(cfg: BenchConfig) -> list[Row]:
     for s in cfg.students:  # `steps`: sample a student that can take several step counts (consistency, flow)
         steps = s.get("steps")
         for k in ([steps] if isinstance(steps, int) else steps or [None]):
-            rows.append(Row("student", s["name"], steps=k, model=s["model"]))
+            rows.append(Row("student", s["name"], steps=k, spacing=s.get("spacing"), model=s["model"]))
     return rows
 
 
@@ -452,10 +458,14 @@ def _sample_row(row: Row, teacher, cfg: BenchConfig, n: int, spacing: str | None
                                    f"teacher at {cfg.guidance}: the rows would not compare like with like")
         # distilled for its recorded timesteps (progressive, guided); a consistency model samples at any steps
         fixed = d.timesteps is not None and (row.steps in (None, len(d.timesteps)) or d.sampler != "consistency")
+        fixed = fixed and not (row.spacing and d.sampler == "consistency")
         if fixed and row.steps not in (None, len(d.timesteps)):
             raise FewstepError(f"student {row.name!r} was distilled for {len(d.timesteps)} steps, the bench asks "
                                f"for {row.steps}: list each round's folder instead")
-        timesteps = resolve_timesteps(m) if fixed else resolve_timesteps(m, steps=row.steps)
+        if fixed and row.spacing:
+            raise FewstepError(f"student {row.name!r} samples at the timesteps it was distilled for: drop its "
+                               f"`spacing: {row.spacing}` (a consistency student takes one)")
+        timesteps = resolve_timesteps(m) if fixed else resolve_timesteps(m, steps=row.steps, spacing=row.spacing)
         return generate(m, d.sampler, timesteps, n, seed=cfg.seed,
                         labels=class_labels(m, n, None), guidance=w)
     labels = class_labels(teacher, n, None)
@@ -519,6 +529,13 @@ def row_key(row: Row, keys: KeyContext, model: str | None = None) -> str:
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
+    from fewstep.evaluate.features import quick_features
+
+    with quick_features(cfg.features == "quick"):
+        return _run_bench(cfg, log)
+
+
+def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> Path:
     from fewstep.evaluate.report import write_report
     from fewstep.evaluate.runner import check_n, default_n, evaluate_samples, measure, reference
     from fewstep.images import write_samples
@@ -594,7 +611,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Path:
     if diffs:
         _write_csv(out / "comparisons.csv", diffs, list(diffs[0]))
     teacher_info = {"folder": str(folder), "training": teacher.config.training, "data": cfg.data,
-                    "guidance": cfg.guidance, "n": n}
+                    "guidance": cfg.guidance, "n": n, "features": cfg.features}
     curves = {Row("student", s["name"], steps=s.get("steps") if isinstance(s.get("steps"), int) else None).label:
               quality_curve(s["model"]) for s in cfg.students if ready(Row("student", s["name"], model=s["model"]))}
     return write_report(out, cfg.name, results, teacher_info, {k: v for k, v in curves.items() if v}, diffs)

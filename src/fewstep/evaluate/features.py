@@ -17,6 +17,9 @@ split) and its content hashes, so an edited source, another resolution or anothe
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import hashlib
 import json
 import math
@@ -47,6 +50,29 @@ OWN_VERSION = 1  # the same for networks trained on a user's data (classifier an
 # large set gets MIN_EPOCHS (more steps per epoch) and takes longer.
 PIXEL_BUDGET = 16_000_000
 MIN_EPOCHS, MAX_EPOCHS = 2, 60
+
+
+# The quick feature network of a built-in set (a bench profile's `features: quick`, for smoke runs in minutes): the
+# same network trained QUICK_EPOCHS epochs on QUICK_SUBSET train images.  Its FD is not comparable with the full
+# network's (a separate cache folder, and bench rows keyed by its weights' hash).
+QUICK_SUBSET, QUICK_EPOCHS = 10_000, 2
+_QUICK = contextvars.ContextVar("fewstep_quick_features", default=False)
+
+
+@contextlib.contextmanager
+def quick_features(on: bool = True) -> Iterator[None]:
+    """Within this block a built-in set's feature network is its quick one (QUICK_SUBSET, QUICK_EPOCHS); a user's
+    data keeps its own (already budgeted by PIXEL_BUDGET)."""
+    token = _QUICK.set(on)
+    try:
+        yield
+    finally:
+        _QUICK.reset(token)
+
+
+def features_variant(dataset: str) -> str:
+    """"quick" inside :func:`quick_features` for a built-in set, else "full"."""
+    return "quick" if _QUICK.get() and dataset in IMAGE_DATASETS else "full"
 
 
 def own_epochs(n: int, sample_shape: tuple[int, ...]) -> int:
@@ -153,6 +179,10 @@ def train_feature_net(dataset: str, seed: int = 0, epochs: int | None = None) ->
     data has two or more classes, else an autoencoder.  Epochs: EPOCHS for a built-in set, else :func:`own_epochs`."""
     train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
     epochs = epochs or (EPOCHS[dataset] if dataset in EPOCHS else own_epochs(len(train), train.sample_shape))
+    if features_variant(dataset) == "quick":
+        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:QUICK_SUBSET]
+        train = dataclasses.replace(train, x=train.x[keep], y=None if train.y is None else train.y[keep])
+        epochs = QUICK_EPOCHS
     if train.y is None or train.num_classes < 2:
         return _train_autoencoder(dataset, train, test, seed, epochs)
     torch.manual_seed(seed)
@@ -209,7 +239,8 @@ def _folder(dataset: str) -> Path:
     """A built-in set's cache folder (name and VERSIONS entry); a user's data's: a digest of its key and content
     hashes (train and test source), with OWN_VERSION."""
     if dataset in IMAGE_DATASETS:
-        return cache_dir() / "features" / f"{dataset}-v{VERSIONS[dataset]}"
+        quick = "-quick" if features_variant(dataset) == "quick" else ""
+        return cache_dir() / "features" / f"{dataset}-v{VERSIONS[dataset]}{quick}"
     if not is_image_data(dataset):
         raise FewstepError(f"no feature network for {dataset!r}: it is 2-D points; image data are "
                            f"{', '.join(IMAGE_DATASETS)} and your own images")
@@ -251,7 +282,8 @@ def feature_extractor(dataset: str, retrain: bool = False) -> FeatureExtractor:
     train = load_dataset(dataset, "train")
     info = {"dataset": dataset, "version": version, "test_accuracy": fx.test_accuracy,
             "channels": train.sample_shape[0], "num_classes": train.num_classes,
-            "feature_dim": FEATURE_DIM, "train_seconds": round(time.perf_counter() - t0, 1)}
+            "feature_dim": FEATURE_DIM, "train_seconds": round(time.perf_counter() - t0, 1),
+            "variant": features_variant(dataset)}
     if not builtin:  # the built-in sets' info.json stays as it was
         rec = own_data(dataset).record()
         info.update(kind=fx.kind, test_error=fx.test_error, sample_shape=list(train.sample_shape),

@@ -164,10 +164,12 @@ def write_report(out: Path, name: str, results: list[dict[str, Any]], teacher: d
         cls = ' class="best"' if best is not None and r.get(metric) == best else ""
         body.append(f"<tr{cls}>" + "".join(f"<td>{cells[c]}</td>" for c in cols) + f"<td>{img}</td></tr>")
     training = teacher.get("training", {})
+    quick = (" (the <b>quick</b> feature network, a smoke test: its FD is not comparable with the full one's)"
+             if teacher.get("features") == "quick" else "")
     facts = (f"teacher <code>{html.escape(teacher['folder'])}</code>: {html.escape(str(training.get('objective', '')))}"
              f", {training.get('steps', '?')} steps, {training.get('wall_seconds', '?')} s of training; data "
              f"<b>{html.escape(teacher['data'])}</b>; n = {teacher['n']} samples per row against the test split; "
-             f"guidance {teacher['guidance']}; {_feature_facts(results)}; floor "
+             f"guidance {teacher['guidance']}; {_feature_facts(results)}{quick}; floor "
              + ", ".join(f"{k} {_num(v)}" for k, v in floor.items() if v is not None))
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>fewstep bench: {html.escape(name)}</title>

@@ -21,7 +21,7 @@ import torch
 from fewstep.data.datasets import DATASETS, is_image_data, load_dataset, source_stamp
 from fewstep.errors import FewstepError
 from fewstep.evaluate import metrics as M
-from fewstep.evaluate.features import feature_extractor
+from fewstep.evaluate.features import feature_extractor, features_variant
 from fewstep.generate import SampleResult
 
 
@@ -145,7 +145,7 @@ def _stamp(dataset: str) -> tuple:
 
 def reference(dataset: str, n: int) -> Reference:
     """Test-split features (or points) of ``dataset`` at ``n`` and the floor, cached in memory."""
-    return _reference(dataset, n, _stamp(dataset))
+    return _reference(dataset, n, _stamp(dataset), features_variant(dataset))
 
 
 def _features(featurize: Callable, x: torch.Tensor | Any, idx: torch.Tensor) -> np.ndarray:
@@ -156,7 +156,7 @@ def _features(featurize: Callable, x: torch.Tensor | Any, idx: torch.Tensor) -> 
 
 
 @cache
-def _reference(dataset: str, n: int, stamp: tuple) -> Reference:
+def _reference(dataset: str, n: int, stamp: tuple, variant: str) -> Reference:  # variant: a cache key only
     check_n(dataset, n)
     test, train = load_dataset(dataset, "test"), load_dataset(dataset, "train")
     g = torch.Generator().manual_seed(1234)

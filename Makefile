@@ -62,7 +62,7 @@ bench: $(STAMP)
 	FS="$(abspath $(PY)) -m fewstep" bash benchmarks/students.sh digits
 	$(PY) -m fewstep bench benchmarks/digits.yaml
 	$(PY) -m fewstep bench benchmarks/mnist.yaml
-	FS="$(abspath $(PY)) -m fewstep" bash benchmarks/students.sh mnist progressive consistency
+	FS="$(abspath $(PY)) -m fewstep" bash benchmarks/students.sh mnist progressive consistency dmd2 boot
 	$(PY) -m fewstep bench benchmarks/mnist.yaml
 	FS="$(abspath $(PY)) -m fewstep" OMP_NUM_THREADS=1 bash benchmarks/students.sh fashion
 	$(PY) -m fewstep bench benchmarks/fashion.yaml

@@ -44,7 +44,7 @@ if [ "$DATA" = fashion ]; then  # issue 13's one-step methods; one thread each (
       dmd2-[24]) distill_as "$m" dmd2 --teacher "$TEACHER" --guidance 2 --steps "${m#dmd2-}" --iters 1500 \
                    --set eval_every=300 --set eval_n=1000 ;;
       boot) distill boot --teacher "$TEACHER" --guidance 2 --iters 1500 --set eval_every=300 --set eval_n=1000 ;;
-      consistency) distill consistency --teacher "$TEACHER" --guidance 2 --steps 1 --reparam-iters 300 --iters 1500 \
+      consistency) distill consistency --teacher "$TEACHER" --guidance 2 --steps 1 --reparam-iters 300 --iters 1000 \
                      --teacher-steps 50 --lr 5e-4 --set eval_every=300 --set eval_n=1000 ;;
       progressive) distill progressive --teacher "$TEACHER" --guidance 2 --start-steps 8 --steps 1 --iters 300 \
                      --lr 5e-4 ;;
